@@ -1,0 +1,552 @@
+"""Experiment specs: pydantic models, YAML loading, dotted overrides, hashing, JSON schema.
+
+One spec describes one distillation run (and the data/teachers it needs). The recipe factors
+studied by the paper are first-class fields: ``data`` (composition), ``guidance`` (teacher
+guidance policy) and ``mixture`` (task mixture). ``ablations`` names levels of each factor as
+overrides of this spec.
+
+This module imports no torch: the CLI uses it for ``--help``/``validate`` at start-up speed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+Category = Literal["object", "scene", "text"]
+Aspect = Literal["square", "landscape", "portrait"]
+Task = Literal["t2i", "edit"]
+FACTORS = ("data-composition", "teacher-guidance", "task-mixture")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
+
+
+class DataSpec(_Model):
+    """Where the training data comes from and what it is made of."""
+
+    root: Path = Path("data/shapes")
+    """Directory of the prepared Arrow shards (`prepare-data` writes it, `distill` reads it)."""
+    source: Literal["shapes", "jsonl"] = "shapes"
+    """`shapes`: the procedural shapes world; `jsonl`: the JSONL manifests in `manifests`."""
+    manifests: list[Path] = Field(default_factory=list)
+    """JSONL manifests (T2I rows: id, prompt, [category, size, image]; edit rows: id,
+    instruction, source_image, [target_image]); image paths relative to the manifest."""
+    n: int = Field(4000, ge=1)
+    """Number of records to generate from the shapes world."""
+    seed: int = 0
+    """Seed of the shapes world (same seed, same rows, same digest)."""
+    edit_fraction: float = Field(0.5, ge=0.0, le=1.0)
+    """Fraction of generated shapes records that are edit records (the rest are T2I)."""
+    categories: dict[Category, float] = Field(
+        default_factory=lambda: {"object": 1.0, "scene": 1.0, "text": 1.0}
+    )
+    """Composition weight per category; 0 (or absent) filters the category out."""
+    aspects: dict[Aspect, float] = Field(
+        default_factory=lambda: {"square": 1.0, "landscape": 1.0, "portrait": 1.0}
+    )
+    """Composition weight per aspect ratio; 0 (or absent) filters the aspect out."""
+    sizes: dict[Aspect, tuple[int, int]] = Field(
+        default_factory=lambda: {"square": (32, 32), "landscape": (48, 32), "portrait": (32, 48)}
+    )
+    """Image size (width, height) per aspect; sides must be divisible by 8 (VAE x patch)."""
+    rows_per_shard: int = Field(2000, ge=1)
+    """Rows per Arrow shard."""
+
+    @field_validator("categories", "aspects")
+    @classmethod
+    def _weights_ok(cls, v: dict[str, float]) -> dict[str, float]:
+        if any(w < 0 for w in v.values()):
+            raise ValueError("weights must be >= 0")
+        if not any(w > 0 for w in v.values()):
+            raise ValueError("at least one weight must be > 0")
+        return v
+
+    @field_validator("sizes")
+    @classmethod
+    def _sizes_ok(cls, v: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
+        for aspect, (w, h) in v.items():
+            if w % 8 or h % 8 or w <= 0 or h <= 0:
+                raise ValueError(f"{aspect} size {w}x{h}: sides must be positive multiples of 8")
+        return v
+
+
+class TinyModelSpec(_Model):
+    """Sizes of the tiny Qwen-Image components built offline (CPU scale)."""
+
+    num_layers: int = Field(2, ge=1)
+    """Transformer blocks of QwenImageTransformer2DModel."""
+    num_attention_heads: int = Field(3, ge=1)
+    """Attention heads of the transformer."""
+    attention_head_dim: int = Field(16, ge=8)
+    """Head dimension; the RoPE axes dims must sum to it."""
+    axes_dims_rope: tuple[int, int, int] = (8, 4, 4)
+    """RoPE dims per axis (frame, height, width)."""
+    z_dim: int = Field(4, ge=1)
+    """VAE latent channels."""
+    vae_base_dim: int = Field(24, ge=8)
+    """VAE base width."""
+    text_hidden_size: int = Field(64, ge=16)
+    """Hidden size of the tiny Qwen2.5-VL text encoder."""
+    text_layers: int = Field(2, ge=1)
+    """Layers of the tiny text encoder."""
+    vocab_size: int = Field(2000, ge=300)
+    """Target vocabulary of the locally trained byte-level BPE tokenizer."""
+
+    @model_validator(mode="after")
+    def _rope(self) -> "TinyModelSpec":
+        if sum(self.axes_dims_rope) != self.attention_head_dim:
+            raise ValueError(
+                f"axes_dims_rope {tuple(self.axes_dims_rope)} must sum to attention_head_dim "
+                f"{self.attention_head_dim}"
+            )
+        return self
+
+
+class ModelSpec(_Model):
+    """The student's architecture and initialisation."""
+
+    init_from: str = "base"
+    """Teacher name (from `teachers`) the student and critic are initialised from, or a
+    diffusers pipeline folder / hub id."""
+    tiny: TinyModelSpec = Field(default_factory=TinyModelSpec)
+    """Tiny component sizes (used when components are built offline)."""
+    edit_max_pixels: int = Field(64 * 64, ge=64)
+    """Cap of the edit pipelines' reference-image area (they hard-code ~1 MPix)."""
+
+
+class TeacherSpec(_Model):
+    """A frozen teacher."""
+
+    path: str
+    """diffusers pipeline folder (local path) or hub id."""
+    cfg_scale: float = Field(4.0, ge=1.0)
+    """Classifier-free guidance scale of the real score."""
+    cfg_rescale: float = Field(0.0, ge=0.0, le=1.0)
+    """Norm rescale of the CFG output towards the conditional norm (0 = off, 1 = full)."""
+    tasks: list[Task] = Field(default_factory=lambda: ["t2i", "edit"])
+    """Tasks this teacher is good at (a specialised teacher lists one)."""
+
+
+class GuidanceSpec(_Model):
+    """Teacher guidance policy (paper factor 2)."""
+
+    policy: Literal["single", "specialised", "stepwise"] = "single"
+    """`single`: base teacher for every sample; `specialised`: the task's specialised teacher
+    supplies the real score for its task; `stepwise`: the base teacher anchors and the
+    specialised teacher is used only at `steps` / in `sigma_range`."""
+    base: str = "base"
+    """Name of the base (anchor) teacher in `teachers`."""
+    specialised: dict[Task, str] = Field(default_factory=dict)
+    """Task -> teacher name of the task-specialised teacher(s)."""
+    steps: list[int] = Field(default_factory=lambda: [2, 3])
+    """Student step indices (0 = first, noisiest) where `stepwise` uses the specialised teacher."""
+    sigma_range: tuple[float, float] | None = None
+    """Optional re-noise level range [lo, hi] where `stepwise` uses the specialised teacher."""
+
+
+class MixtureSpec(_Model):
+    """Task mixture T2I : edit (paper factor 3)."""
+
+    t2i: float = Field(5.0, ge=0.0)
+    """Relative weight of text-to-image steps."""
+    edit: float = Field(5.0, ge=0.0)
+    """Relative weight of editing steps."""
+
+    @model_validator(mode="after")
+    def _nonzero(self) -> "MixtureSpec":
+        if self.t2i + self.edit <= 0:
+            raise ValueError("t2i + edit must be > 0")
+        return self
+
+    @property
+    def edit_probability(self) -> float:
+        return self.edit / (self.t2i + self.edit)
+
+
+class DistillSpec(_Model):
+    """The DMD2 objective and optimisation."""
+
+    objective: Literal["dmd2", "dmd", "decoupled-dmd"] = "dmd2"
+    """Distillation objective (held fixed in the paper's study)."""
+    student_steps: int = Field(4, ge=1)
+    """Student sampling steps (NFE)."""
+    shift: float = Field(3.0, gt=0.0)
+    """Timestep shift of the student's sigma grid: s*sigma / (1 + (s-1)*sigma)."""
+    critic_updates: int = Field(5, ge=1)
+    """Critic (fake score) updates per generator update (K)."""
+    tau_min: float = Field(0.02, ge=0.0, le=1.0)
+    """Lower bound of the re-noise level for the DM gradient."""
+    tau_max: float = Field(0.98, ge=0.0, le=1.0)
+    """Upper bound of the re-noise level for the DM gradient."""
+    lr_generator: float = Field(2e-5, gt=0.0)
+    """Student learning rate."""
+    lr_critic: float = Field(4e-5, gt=0.0)
+    """Critic learning rate."""
+    batch_size: int = Field(4, ge=1)
+    """Micro-batch per rank."""
+    grad_accum: int = Field(1, ge=1)
+    """Gradient accumulation steps."""
+    steps: int = Field(200, ge=1)
+    """Generator steps."""
+    checkpoint_every: int = Field(50, ge=1)
+    """Checkpoint interval in generator steps."""
+    log_every: int = Field(5, ge=1)
+    """Metric logging interval in generator steps."""
+    sample_every: int = Field(100, ge=0)
+    """Interval of sample grids logged to MLflow (0 = off)."""
+    gan_weight: float = Field(0.0, ge=0.0)
+    """Weight of the GAN head on critic features (0 = off)."""
+    seed: int = 0
+    """Training seed."""
+
+    @model_validator(mode="after")
+    def _taus(self) -> "DistillSpec":
+        if self.tau_min >= self.tau_max:
+            raise ValueError(f"tau_min {self.tau_min} must be < tau_max {self.tau_max}")
+        return self
+
+
+class TeacherTrainSpec(_Model):
+    """Flow-matching training of a teacher (`train-teacher`)."""
+
+    init_from: str | None = None
+    """Pipeline folder to fine-tune from (None = build tiny components from scratch)."""
+    output: Path = Path("runs/teacher")
+    """Where the trained teacher pipeline folder is written."""
+    t2i: float = Field(1.0, ge=0.0)
+    """Relative weight of T2I batches."""
+    edit: float = Field(1.0, ge=0.0)
+    """Relative weight of edit batches."""
+    steps: int = Field(2000, ge=1)
+    """Optimizer steps of the transformer."""
+    vae_steps: int = Field(1500, ge=0)
+    """Reconstruction steps of the VAE when building from scratch (0 = keep random VAE)."""
+    lr: float = Field(1e-3, gt=0.0)
+    """Learning rate."""
+    batch_size: int = Field(32, ge=1)
+    """Batch size."""
+    cond_dropout: float = Field(0.1, ge=0.0, le=1.0)
+    """Probability of dropping the prompt (enables CFG)."""
+    checkpoint_every: int = Field(250, ge=1)
+    """Checkpoint interval in steps."""
+    seed: int = 0
+    """Training seed."""
+
+
+class DeepSpeedSpec(_Model):
+    """DeepSpeed engine settings (flashctl computes every number; no "auto")."""
+
+    zero_stage: Literal[0, 1, 2, 3] = 3
+    """ZeRO stage."""
+    offload_optimizer: Literal["none", "cpu", "nvme"] = "none"
+    """Optimizer state offload."""
+    offload_param: Literal["none", "cpu", "nvme"] = "none"
+    """Parameter offload (stage 3 only)."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Training precision."""
+    gradient_clipping: float = Field(1.0, ge=0.0)
+    """Gradient norm clip (always explicit)."""
+
+
+class SlurmSpec(_Model):
+    """Slurm job settings."""
+
+    partition: str | None = None
+    """Partition (`-p`)."""
+    account: str | None = None
+    """Account (`-A`)."""
+    time: str = "04:00:00"
+    """Wall-time limit."""
+    gpus_per_node: int = Field(8, ge=0)
+    """GPUs per node."""
+    cpus_per_task: int = Field(8, ge=1)
+    """CPUs per task."""
+    array_parallel: int = Field(4, ge=1)
+    """`%N` concurrency of ablation job arrays."""
+
+
+class LaunchSpec(_Model):
+    """How the distillation job is launched."""
+
+    backend: Literal["local", "hostfile", "slurm"] = "local"
+    """`local`: one machine; `hostfile`: DeepSpeed multi-node launcher; `slurm`: sbatch."""
+    launcher: Literal["torchrun", "deepspeed"] = "torchrun"
+    """Process launcher on each node."""
+    device: Literal["cpu", "cuda"] = "cpu"
+    """Accelerator (cpu uses DeepSpeed's CPU accelerator and gloo)."""
+    nproc_per_node: int = Field(2, ge=1)
+    """Processes (ranks) per node."""
+    nnodes: int = Field(1, ge=1)
+    """Nodes."""
+    hostfile: Path | None = None
+    """DeepSpeed hostfile (`host slots=N` lines) for `hostfile`."""
+    master_addr: str = "127.0.0.1"
+    """Rendezvous address."""
+    master_port: int = Field(29511, ge=1024, le=65535)
+    """Rendezvous port."""
+    slurm: SlurmSpec = Field(default_factory=SlurmSpec)
+    """Slurm settings for `slurm`."""
+    gpu_memory_gb: float = Field(80.0, gt=0)
+    """Memory per GPU assumed by `plan`."""
+
+
+class TrackingSpec(_Model):
+    """MLflow tracking."""
+
+    enabled: bool = True
+    """Log to MLflow."""
+    uri: str = "sqlite:///mlflow.db"
+    """Tracking URI (relative sqlite paths resolve against the working directory)."""
+    experiment: str = "flashctl"
+    """Experiment name."""
+
+
+class EvalSpec(_Model):
+    """Evaluation of student vs teacher on a fixed, seeded prompt set."""
+
+    n_t2i: int = Field(48, ge=0)
+    """T2I eval prompts."""
+    n_edit: int = Field(48, ge=0)
+    """Edit eval instructions."""
+    seed: int = 1234
+    """Seed of the eval set and of sampling noise."""
+    student_nfe: int = Field(4, ge=1)
+    """Student sampling steps."""
+    teacher_nfe: int = Field(40, ge=1)
+    """Teacher sampling steps."""
+    teacher_cfg: float = Field(4.0, ge=1.0)
+    """Teacher CFG scale at evaluation."""
+    enabled: bool = True
+    """Run the evaluation at the end of `distill`."""
+
+
+class RunSpec(_Model):
+    """Run identity and outputs."""
+
+    name: str = "run"
+    """Run name (the run directory is `out_dir/name`)."""
+    out_dir: Path = Path("runs")
+    """Parent directory of run directories."""
+
+
+class ExperimentSpec(_Model):
+    """A whole distillation experiment."""
+
+    run: RunSpec = Field(default_factory=RunSpec)
+    """Run identity and outputs."""
+    data: DataSpec = Field(default_factory=DataSpec)
+    """Training data and its composition (factor 1)."""
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    """Student architecture and initialisation."""
+    teachers: dict[str, TeacherSpec] = Field(default_factory=dict)
+    """Named frozen teachers; `guidance.base` must be one of them."""
+    guidance: GuidanceSpec = Field(default_factory=GuidanceSpec)
+    """Teacher guidance policy (factor 2)."""
+    mixture: MixtureSpec = Field(default_factory=MixtureSpec)
+    """Task mixture T2I:edit (factor 3)."""
+    distill: DistillSpec = Field(default_factory=DistillSpec)
+    """Objective and optimisation."""
+    train_teacher: TeacherTrainSpec = Field(default_factory=TeacherTrainSpec)
+    """Teacher training (`train-teacher`)."""
+    deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
+    """DeepSpeed settings."""
+    launch: LaunchSpec = Field(default_factory=LaunchSpec)
+    """Launch settings."""
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    """MLflow tracking."""
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    """Evaluation."""
+    ablations: dict[Literal["data-composition", "teacher-guidance", "task-mixture"], dict[str, dict[str, Any]]] = Field(
+        default_factory=dict
+    )
+    """Per factor: level name -> dotted overrides (e.g. `mixture.edit: 5`)."""
+
+    @model_validator(mode="after")
+    def _cross(self) -> "ExperimentSpec":
+        errors = []
+        if self.teachers and self.guidance.base not in self.teachers:
+            errors.append(f"guidance.base: teacher {self.guidance.base!r} is not in teachers")
+        for task, name in self.guidance.specialised.items():
+            if name not in self.teachers:
+                errors.append(f"guidance.specialised.{task}: teacher {name!r} is not in teachers")
+        if self.guidance.policy != "single" and not self.guidance.specialised:
+            errors.append(f"guidance.specialised: policy {self.guidance.policy!r} needs a specialised teacher")
+        bad = [s for s in self.guidance.steps if not 0 <= s < self.distill.student_steps]
+        if bad:
+            errors.append(f"guidance.steps: {bad} outside 0..{self.distill.student_steps - 1}")
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
+
+    def run_dir(self) -> Path:
+        return self.run.out_dir / self.run.name
+
+
+# --------------------------------------------------------------------------------------------
+# Loading, overrides, errors
+
+
+class SpecError(Exception):
+    """A spec could not be loaded; `errors` lists every problem as (location, message)."""
+
+    def __init__(self, source: str, errors: list[tuple[str, str]]):
+        self.source = source
+        self.errors = errors
+        super().__init__("\n".join(f"{source}: {loc}: {msg}" for loc, msg in errors))
+
+
+def _yaml_lines(text: str) -> dict[tuple[str, ...], int]:
+    """Map of key path -> 1-based YAML line, for error messages."""
+    lines: dict[tuple[str, ...], int] = {}
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return lines
+
+    def walk(node: Any, path: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = path + (str(k.value),)
+                lines[key] = k.start_mark.line + 1
+                walk(v, key)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                key = path + (str(i),)
+                lines[key] = v.start_mark.line + 1
+                walk(v, key)
+
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a","b","c"], yaml-typed value)."""
+    if "=" not in item:
+        raise ValueError(f"override {item!r} is not key=value")
+    key, raw = item.split("=", 1)
+    if not key or any(not p for p in key.split(".")):
+        raise ValueError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def set_dotted(data: dict[str, Any], path: list[str], value: Any) -> None:
+    node = data
+    for part in path[:-1]:
+        nxt = node.get(part)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            node[part] = nxt
+        node = nxt
+    node[path[-1]] = value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
+    """Return a deep copy of `data` with dotted overrides applied (list of `k=v` or a dict)."""
+    out = json.loads(json.dumps(data, default=str))
+    items = (
+        [parse_override(o) for o in overrides]
+        if isinstance(overrides, list)
+        else [(k.split("."), v) for k, v in overrides.items()]
+    )
+    for path, value in items:
+        set_dotted(out, path, value)
+    return out
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc) or "<root>"
+
+
+def validate_data(data: dict[str, Any], source: str, text: str = "") -> ExperimentSpec:
+    try:
+        return ExperimentSpec.model_validate(data)
+    except ValidationError as exc:
+        lines = _yaml_lines(text) if text else {}
+        errors = []
+        for err in exc.errors():
+            loc = tuple(str(p) for p in err["loc"])
+            line = None
+            for n in range(len(loc), 0, -1):
+                if loc[:n] in lines:
+                    line = lines[loc[:n]]
+                    break
+            where = _format_loc(loc) + (f" (line {line})" if line else "")
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = "unknown field"
+            elif msg.startswith("Value error, "):
+                msg = msg[len("Value error, "):]
+            errors.append((where, msg))
+        raise SpecError(source, errors) from None
+
+
+def load_spec_data(path: str | Path | None) -> tuple[dict[str, Any], str, str]:
+    """Read a spec file (or the embedded default when `path` is None): (data, text, source)."""
+    if path is None:
+        path = default_spec_path()
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(str(p), [("<file>", "no such spec file")])
+    text = p.read_text()
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else "<yaml>"
+        raise SpecError(str(p), [(where, f"invalid YAML: {getattr(exc, 'problem', exc)}")]) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise SpecError(str(p), [("<root>", "a spec must be a YAML mapping")])
+    return data, text, str(p)
+
+
+def load_spec(path: str | Path | None, overrides: list[str] | dict[str, Any] | None = None) -> ExperimentSpec:
+    """Load, override and validate a spec; raises SpecError listing every problem."""
+    data, text, source = load_spec_data(path)
+    if overrides:
+        try:
+            data = apply_overrides(data, overrides)
+        except ValueError as exc:
+            raise SpecError(source, [("<override>", str(exc))]) from None
+    return validate_data(data, source, text)
+
+
+def default_spec_path() -> Path:
+    """The embedded default spec (`experiments/tiny-cpu.yaml`, shipped inside the package)."""
+    return Path(__file__).parent / "assets" / "tiny-cpu.yaml"
+
+
+def resolved_dict(spec: ExperimentSpec) -> dict[str, Any]:
+    return spec.model_dump(mode="json")
+
+
+def to_yaml(spec: ExperimentSpec) -> str:
+    return yaml.safe_dump(resolved_dict(spec), sort_keys=False)
+
+
+def spec_hash(spec: ExperimentSpec, exclude: tuple[str, ...] = ("run", "tracking", "ablations")) -> str:
+    """Stable hash of the resolved spec (what the run computes), 12 hex chars.
+
+    Run naming, tracking and the ablation table do not change what is trained, so they are
+    left out: the same recipe under another name has the same hash.
+    """
+    data = {k: v for k, v in resolved_dict(spec).items() if k not in exclude}
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def json_schema() -> dict[str, Any]:
+    return ExperimentSpec.model_json_schema()
