@@ -1,0 +1,33 @@
+# Two commands do everything on a fresh machine:  `make demo`  and  `make test`.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(STAMP)
+
+# torch first, pinned: the CPU wheel of 2.13.0 is on local disk; any other request pulls CUDA.
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+# The embedded default end to end: shapes data, DMD2 distillation (2-rank ZeRO-3 on CPU),
+# evaluation of student vs teacher, MLflow in ./mlflow.db.
+demo: $(STAMP)
+	$(BIN)/flashctl prepare-data experiments/tiny-cpu.yaml --overwrite --workers 2
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+lint: $(STAMP)
+	$(BIN)/python -m ruff check flashctl tests bench
+
+bench: $(STAMP)
+	$(BIN)/python bench/prepare_data.py
+
+clean:
+	rm -rf runs data mlflow.db mlartifacts reports

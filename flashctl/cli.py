@@ -1,0 +1,175 @@
+"""The `flashctl` command line: parse, load the spec, hand over.
+
+Thin on purpose: heavy modules (torch, diffusers, deepspeed, mlflow) are imported inside the
+commands, never at module import, so `flashctl --help` starts in well under a second.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+from rich.console import Console
+
+from flashctl.errors import UserError
+from flashctl.spec import SpecError
+
+app = typer.Typer(
+    name="flashctl",
+    help=(
+        "Few-step distillation experiments for Qwen-Image text-to-image + editing models.\n\n"
+        "Typical session:\n\n"
+        "  flashctl validate experiments/tiny-cpu.yaml\n\n"
+        "  flashctl prepare-data experiments/tiny-cpu.yaml\n\n"
+        "  flashctl distill experiments/tiny-cpu.yaml distill.steps=100\n\n"
+        "  flashctl ablate experiments/tiny-cpu.yaml --factor task-mixture\n\n"
+        "  flashctl report"
+    ),
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console(stderr=True)
+out = Console()
+
+SPEC_ARGS_HELP = (
+    "Spec file (YAML) followed by dotted overrides `key=value`; without a spec file the embedded "
+    "default (experiments/tiny-cpu.yaml) is used."
+)
+
+
+def friendly(fn: Callable) -> Callable:
+    """Turn user errors into one red line and a non-zero exit, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except SpecError as exc:
+            for loc, msg in exc.errors:
+                console.print(f"[red]error[/red] {exc.source}: {loc}: {msg}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except UserError as exc:
+            console.print(f"[red]error[/red] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted[/yellow]")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def split_spec_args(args: Optional[list[str]]) -> tuple[Optional[str], list[str]]:
+    """`[spec.yaml] [k=v ...]` -> (spec path or None for the default, overrides)."""
+    args = list(args or [])
+    spec = None
+    if args and "=" not in args[0]:
+        spec = args.pop(0)
+    bad = [a for a in args if "=" not in a]
+    if bad:
+        raise UserError(f"override {bad[0]!r} is not key=value (only the first argument may be a spec file)")
+    return spec, args
+
+
+def load(args: Optional[list[str]], extra: Optional[list[str]] = None):
+    from flashctl.spec import load_spec
+
+    spec_path, overrides = split_spec_args(args)
+    return load_spec(spec_path, overrides + list(extra or []))
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  flashctl validate experiments/tiny-cpu.yaml\n\n"
+        "  flashctl validate experiments/qwen-image-flash.yaml distill.steps=2000 --print-config"
+    )
+)
+@friendly
+def validate(
+    args: Optional[list[str]] = typer.Argument(None, help=SPEC_ARGS_HELP, metavar="[SPEC] [KEY=VALUE]..."),
+    print_config: bool = typer.Option(False, "--print-config", help="Print the resolved spec as YAML."),
+) -> None:
+    """Check a spec: report [bold]every[/bold] error at once with its field path (and YAML line); exit 2 on errors."""
+    from flashctl.spec import spec_hash, to_yaml
+
+    spec = load(args)
+    if print_config:
+        out.print(to_yaml(spec), end="", highlight=False, markup=False)
+    else:
+        console.print(f"[green]ok[/green] spec hash {spec_hash(spec)}", highlight=False)
+
+
+@app.command(epilog="Example:\n\n  flashctl schema --out flashctl.schema.json")
+@friendly
+def schema(
+    out_path: Optional[Path] = typer.Option(None, "--out", "-o", help="Write to this file instead of stdout."),
+) -> None:
+    """Write the JSON Schema of experiment specs (for editor completion, e.g. yaml-language-server)."""
+    from flashctl.io import atomic_write_text
+    from flashctl.spec import json_schema
+
+    text = json.dumps(json_schema(), indent=2)
+    if out_path:
+        atomic_write_text(out_path, text + "\n")
+        console.print(f"wrote {out_path}")
+    else:
+        out.print(text, highlight=False, markup=False)
+
+
+@app.command(
+    "prepare-data",
+    epilog=(
+        "Examples:\n\n"
+        "  flashctl prepare-data experiments/tiny-cpu.yaml\n\n"
+        "  flashctl prepare-data --source shapes --n 10000 --out data/shapes-10k --workers 2\n\n"
+        "  flashctl prepare-data --source jsonl --manifest my/prompts.jsonl --out data/mine --strict"
+    ),
+)
+@friendly
+def prepare_data_cmd(
+    args: Optional[list[str]] = typer.Argument(None, help=SPEC_ARGS_HELP, metavar="[SPEC] [KEY=VALUE]..."),
+    source: Optional[str] = typer.Option(None, help="shapes | jsonl (default: data.source)."),
+    manifest: Optional[list[Path]] = typer.Option(None, "--manifest", "-m", help="JSONL manifest (repeatable)."),
+    n: Optional[int] = typer.Option(None, help="Shapes records to generate (default: data.n)."),
+    seed: Optional[int] = typer.Option(None, help="Shapes seed (default: data.seed)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default: data.root)."),
+    workers: int = typer.Option(1, min=1, help="Worker processes."),
+    strict: bool = typer.Option(False, help="Fail on the first bad row instead of rejecting it."),
+    overwrite: bool = typer.Option(False, help="Replace an existing dataset in the output directory."),
+) -> None:
+    """Shard prompt/edit data into Arrow files + manifest.json (counts, sha256, digest); bad rows go to rejects.jsonl."""
+    extra = []
+    if source is not None:
+        extra.append(f"data.source={source}")
+    if manifest:
+        extra.append("data.manifests=" + json.dumps([str(m) for m in manifest]))
+        if source is None:
+            extra.append("data.source=jsonl")
+    if n is not None:
+        extra.append(f"data.n={n}")
+    if seed is not None:
+        extra.append(f"data.seed={seed}")
+    spec = load(args, extra)
+    from flashctl.data.prepare import prepare_data
+
+    target = out_dir or spec.data.root
+    result = prepare_data(spec.data, target, workers=workers, strict=strict, overwrite=overwrite)
+    console.print(
+        f"[green]ok[/green] {result.rows} rows in {result.shards} shards, {result.rejects} rejected, "
+        f"digest {result.digest[:16]} -> {result.manifest}",
+        highlight=False,
+    )
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())
