@@ -1,0 +1,165 @@
+"""MLflow tracking: runs (parent/child), params written once, batched metrics, lineage.
+
+Only rank 0 talks to MLflow; other ranks get a `NullTracker`. A run's MLflow id is kept in its
+run directory (`mlflow_run_id`), or handed in through `MLFLOW_RUN_ID` (ablation children), so
+a resumed job keeps logging into the same run and never re-logs its params.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from flashctl.io import atomic_write_text
+from flashctl.spec import TrackingSpec
+
+RUN_ID_FILE = "mlflow_run_id"
+
+
+def resolve_uri(uri: str, base: Path | None = None) -> str:
+    """Make relative `sqlite:///x.db` URIs absolute (against `base`, default cwd)."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        path = (base or Path.cwd()) / uri[len(prefix):]
+        return prefix + str(path.resolve())
+    return uri
+
+
+def artifact_root(uri: str) -> str | None:
+    """Artifact location for experiments on a local SQLite store: `mlartifacts/` next to the DB."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
+def client_for(tracking: TrackingSpec):
+    """An `MlflowClient` on the spec's store (imports mlflow lazily)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = resolve_uri(tracking.uri)
+    mlflow.set_tracking_uri(uri)
+    return MlflowClient(tracking_uri=uri)
+
+
+def ensure_experiment(client, name: str, uri: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_root(uri))
+    except Exception:  # created concurrently by another cell
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+class NullTracker:
+    """Stand-in on non-zero ranks or when tracking is off: every call does nothing."""
+
+    run_id: str | None = None
+
+    def __getattr__(self, name: str):
+        return lambda *a, **k: None
+
+
+class Tracker:
+    """One MLflow run for one job (rank 0)."""
+
+    def __init__(self, tracking: TrackingSpec, run_dir: Path, run_name: str, tags: dict[str, str] | None = None):
+        self.tracking = tracking
+        self.run_dir = Path(run_dir)
+        self.run_name = run_name
+        self.tags = dict(tags or {})
+        self.client = client_for(tracking)
+        self.uri = resolve_uri(tracking.uri)
+        self.run_id: str | None = None
+        self._metrics: list[Any] = []
+        self._last_flush = time.monotonic()
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def start(self) -> str:
+        """Attach to `MLFLOW_RUN_ID`, or the run id saved in the run dir, or create a run."""
+        saved = self.run_dir / RUN_ID_FILE
+        run_id = os.environ.get("MLFLOW_RUN_ID") or (saved.read_text().strip() if saved.exists() else None)
+        if run_id:
+            self.client.get_run(run_id)  # raises if the id is unknown to this store
+            self.client.update_run(run_id, status="RUNNING")
+        else:
+            exp_id = ensure_experiment(self.client, self.tracking.experiment, self.uri)
+            run = self.client.create_run(exp_id, run_name=self.run_name, tags=self.tags)
+            run_id = run.info.run_id
+        self.run_id = run_id
+        for k, v in self.tags.items():
+            self.client.set_tag(run_id, k, v)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(saved, run_id + "\n")
+        return run_id
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.flush()
+        if self.run_id:
+            self.client.set_terminated(self.run_id, status=status)
+
+    # -- logging --------------------------------------------------------------------------
+    def log_params_once(self, params: dict[str, Any]) -> bool:
+        """Log params unless the run already has some (a resumed run must not re-log them)."""
+        from mlflow.entities import Param
+
+        if self.client.get_run(self.run_id).data.params:
+            return False
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i:i + 100])
+        return True
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Buffer metrics; they are written in batches (SQLite costs ~5 ms per single call)."""
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        self._metrics.extend(Metric(k, float(v), ts, step) for k, v in metrics.items())
+        if len(self._metrics) >= 500 or time.monotonic() - self._last_flush > 10:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._metrics and self.run_id:
+            for i in range(0, len(self._metrics), 1000):
+                self.client.log_batch(self.run_id, metrics=self._metrics[i:i + 1000])
+        self._metrics = []
+        self._last_flush = time.monotonic()
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, str(v))
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_artifacts(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(self.run_id, str(path), artifact_path)
+
+    def log_dataset(self, root: str | Path, name: str, digest: str, context: str = "training") -> None:
+        """Record dataset lineage: the Arrow shards' manifest digest as the run's input."""
+        import warnings
+
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            source = resolve_dataset_source(str(Path(root).resolve()))
+        dataset = MetaDataset(source=source, name=name, digest=digest[:36])
+        tag = InputTag(key="mlflow.data.context", value=context)
+        self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[tag])])
+
+
+def make_tracker(tracking: TrackingSpec, run_dir: Path, run_name: str, rank: int = 0,
+                 tags: dict[str, str] | None = None) -> Tracker | NullTracker:
+    if rank != 0 or not tracking.enabled:
+        return NullTracker()
+    return Tracker(tracking, run_dir, run_name, tags)
