@@ -1,0 +1,156 @@
+"""One DMD2 round for flow matching: student backward simulation, critic update, generator loss.
+
+Orchestration only: the tensor maths lives in `objectives.py` (pure functions), teacher choice
+in `guidance.py`, the task draw in `mixture.py`. Models are called through
+`Conditioning.velocity`, which knows how a Qwen-Image transformer wants its inputs (text
+embeddings, masks, and for edits the source latents concatenated along the sequence).
+
+Every random draw that changes the *number of forward passes* (the backward-simulation depth k,
+the task) is seeded by the global step, so all ranks run the same collectives under ZeRO-3.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from flashctl.distill import objectives as obj
+
+
+@dataclass
+class Conditioning:
+    """Conditioning of one batch: prompt embeddings (+ negative ones for CFG) and edit source."""
+
+    task: str
+    embeds: torch.Tensor
+    mask: torch.Tensor
+    neg_embeds: torch.Tensor
+    neg_mask: torch.Tensor
+    height: int
+    width: int
+    source_latents: torch.Tensor | None = None
+    latent_shape: tuple[int, int] = (0, 0)
+    """(sequence length, channels) of the packed noisy latents."""
+    velocity_fn: Callable[..., torch.Tensor] | None = field(default=None, repr=False)
+
+    def velocity(self, model: Any, x_t: torch.Tensor, sigma: torch.Tensor, uncond: bool = False) -> torch.Tensor:
+        embeds, mask = (self.neg_embeds, self.neg_mask) if uncond else (self.embeds, self.mask)
+        return self.velocity_fn(model, x_t, sigma, embeds, mask, self.height, self.width, self.source_latents)
+
+    @property
+    def batch(self) -> int:
+        return self.embeds.shape[0]
+
+
+@dataclass
+class Teacher:
+    """A frozen teacher transformer and its guidance settings."""
+
+    model: Any
+    cfg_scale: float
+    cfg_rescale: float = 0.0
+
+
+def step_generator(seed: int, global_step: int, micro: int) -> torch.Generator:
+    """A CPU generator seeded by (seed, step, micro): same on every rank."""
+    g = torch.Generator()
+    g.manual_seed((seed * 1_000_003 + global_step * 1009 + micro) % (2**63 - 1))
+    return g
+
+
+def simulate_student(
+    student: Any,
+    cond: Conditioning,
+    sigmas: torch.Tensor,
+    k: int,
+    noise: torch.Tensor,
+    with_grad: bool,
+) -> torch.Tensor:
+    """Backward simulation: k Euler steps of the student without grad from pure noise, then one
+    more step (with grad if `with_grad`) that predicts x0. Returns the student's x0 sample.
+
+    The student samples with the same Euler flow-map as diffusers' pipelines (x_{i+1} = x_i +
+    (sigma_{i+1} - sigma_i) v), so the exported student behaves identically under
+    `QwenImagePipeline(num_inference_steps=S)`.
+    """
+    x = noise
+    b = noise.shape[0]
+    with torch.no_grad():
+        for i in range(k):
+            s = sigmas[i].expand(b)
+            v = cond.velocity(student, x, s)
+            x = obj.euler_step(x, v, sigmas[i], sigmas[i + 1])
+    s = sigmas[k].expand(b)
+    ctx = torch.enable_grad() if with_grad else torch.no_grad()
+    with ctx:
+        v = cond.velocity(student, x, s)
+        return obj.x0_from_velocity(x, s, v)
+
+
+def teacher_x0(teacher: Teacher, cond: Conditioning, x_tau: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """Real score as an x0 prediction, with CFG (uncond + w (cond - uncond)) and optional rescale."""
+    with torch.no_grad():
+        v_c = cond.velocity(teacher.model, x_tau, tau)
+        if teacher.cfg_scale != 1.0:
+            v_u = cond.velocity(teacher.model, x_tau, tau, uncond=True)
+            v = obj.cfg_combine(v_c, v_u, teacher.cfg_scale, teacher.cfg_rescale)
+        else:
+            v = v_c
+        return obj.x0_from_velocity(x_tau, tau, v)
+
+
+def critic_loss(critic: Any, cond: Conditioning, x0: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Flow-matching loss of the critic (fake score) on detached student samples."""
+    b = x0.shape[0]
+    t = torch.rand(b, generator=gen).to(x0)
+    eps = torch.randn(x0.shape, generator=gen).to(x0)
+    x_t = obj.add_noise(x0.detach(), eps, t)
+    v = cond.velocity(critic, x_t, t)
+    return obj.flow_matching_loss(v, x0.detach(), eps)
+
+
+def generator_loss(
+    x: torch.Tensor,
+    cond: Conditioning,
+    critic: Any,
+    teacher: Teacher,
+    gen: torch.Generator,
+    tau_min: float,
+    tau_max: float,
+    objective: str = "dmd2",
+    base_teacher: Teacher | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Distribution-matching loss of a student sample `x` (with grad) and its diagnostics."""
+    b = x.shape[0]
+    tau = obj.sample_tau(gen, b, tau_min, tau_max).to(x)
+    eps = torch.randn(x.shape, generator=gen).to(x)
+    x_tau = obj.add_noise(x.detach(), eps, tau)
+    with torch.no_grad():
+        fake = obj.x0_from_velocity(x_tau, tau, cond.velocity(critic, x_tau, tau))
+    if objective == "decoupled-dmd":
+        # CFG-augmentation term and distribution-matching term at separate re-noise levels.
+        tau2 = obj.sample_tau(gen, b, tau_min, tau_max).to(x)
+        eps2 = torch.randn(x.shape, generator=gen).to(x)
+        x_tau2 = obj.add_noise(x.detach(), eps2, tau2)
+        with torch.no_grad():
+            v_c2 = cond.velocity(teacher.model, x_tau2, tau2)
+            v_u2 = cond.velocity(teacher.model, x_tau2, tau2, uncond=True)
+            real_c2 = obj.x0_from_velocity(x_tau2, tau2, v_c2)
+            real_u2 = obj.x0_from_velocity(x_tau2, tau2, v_u2)
+            v_u = cond.velocity(teacher.model, x_tau, tau, uncond=True)
+            real_u = obj.x0_from_velocity(x_tau, tau, v_u)
+        grad = obj.decoupled_dmd_gradient(x.detach(), fake, real_u, real_c2, real_u2, teacher.cfg_scale)
+        real = real_u
+    else:
+        real = teacher_x0(teacher, cond, x_tau, tau)
+        grad = obj.dmd_gradient(x.detach(), fake, real)
+    loss = obj.dmd_loss(x, grad)
+    stats = {
+        "dm_grad_norm": float(grad.flatten(1).norm(dim=1).mean()),
+        "fake_real_gap": float((fake - real).abs().mean()),
+        "tau_mean": float(tau.mean()),
+    }
+    return loss, stats
+
