@@ -1,0 +1,169 @@
+"""`manifest.json`: what a prepared dataset holds, and how to check it.
+
+The manifest is the last file `prepare-data` writes. A directory with a manifest is a complete
+dataset: every shard it names exists with the recorded row count and sha256. The dataset
+digest (sha256 over the shard digests, in order) is what runs log as their data lineage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flashctl.data.schema import SCHEMA_VERSION
+from flashctl.errors import UserError
+
+MANIFEST_NAME = "manifest.json"
+REJECTS_NAME = "rejects.jsonl"
+FORMAT = "flashctl-arrow-shards"
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    """One shard file of a dataset."""
+
+    file: str
+    """File name relative to the dataset root (`data-00000-of-00004.arrow`)."""
+    rows: int
+    """Rows in the shard."""
+    sha256: str
+    """sha256 of the file's bytes (hex)."""
+    bytes: int
+    """File size in bytes."""
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A validated `manifest.json` (see `read_manifest`)."""
+
+    root: Path
+    """Dataset directory."""
+    rows: int
+    """Total rows over all shards."""
+    shards: list[ShardEntry]
+    """Shards in order."""
+    digest: str
+    """sha256 over the shard digests: the dataset's identity."""
+    counts: dict[str, dict[str, int]]
+    """Row counts per `task`, `category`, `aspect` and `edit_type`."""
+    rejects: int
+    """Input rows rejected (listed in `rejects.jsonl`)."""
+    filtered: int
+    """Valid input rows left out by the composition weights."""
+    data_spec: dict[str, Any]
+    """The DataSpec used (JSON form)."""
+    source: dict[str, Any]
+    """Source description (shapes generator or JSONL manifests with their sha256)."""
+    raw: dict[str, Any] = field(repr=False)
+    """The whole JSON document."""
+
+    def shard_paths(self) -> list[Path]:
+        """Absolute-or-relative paths of the shards (under `root`)."""
+        return [self.root / s.file for s in self.shards]
+
+
+def dataset_digest(shard_sha256s: list[str]) -> str:
+    """sha256 over the shard digests (hex, one per line, in shard order)."""
+    return hashlib.sha256("".join(d + "\n" for d in shard_sha256s).encode()).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 (hex) of a file's bytes."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a directory entry (renames) to disk where the OS allows it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON (sorted keys, stable bytes) to `path` via a temp file + fsync + os.replace."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as fh:
+        json.dump(data, fh, indent=2, sort_keys=True)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _field(doc: dict[str, Any], key: str, typ: type, where: Path) -> Any:
+    if key not in doc or not isinstance(doc[key], typ):
+        raise UserError(f"{where}: field {key!r} is missing or not a {typ.__name__}")
+    return doc[key]
+
+
+def read_manifest(root: str | Path, *, verify: bool = True) -> Manifest:
+    """Read and check `root/manifest.json`.
+
+    Always checks the format, schema version, that every shard exists with the recorded size
+    and that the digest matches the shard digests. With `verify` (default) every shard's
+    sha256 is recomputed; a mismatch raises UserError naming the shard.
+    """
+    root = Path(root)
+    path = root / MANIFEST_NAME
+    if not path.is_file():
+        raise UserError(f"{path}: no manifest (run `flashctl prepare-data` first)")
+    try:
+        doc = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise UserError(f"{path}: not a flashctl dataset manifest (format != {FORMAT!r})")
+    if doc.get("schema_version") != SCHEMA_VERSION:
+        raise UserError(
+            f"{path}: schema_version {doc.get('schema_version')!r}, this flashctl reads {SCHEMA_VERSION}; "
+            "re-run `flashctl prepare-data`"
+        )
+    shards = []
+    for i, s in enumerate(_field(doc, "shards", list, path)):
+        try:
+            shards.append(ShardEntry(file=str(s["file"]), rows=int(s["rows"]), sha256=str(s["sha256"]), bytes=int(s["bytes"])))
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"{path}: shards[{i}] needs file, rows, sha256, bytes") from None
+        if Path(s["file"]).name != s["file"]:
+            raise UserError(f"{path}: shards[{i}].file {s['file']!r} must be a plain file name")
+    rows = _field(doc, "rows", int, path)
+    if rows != sum(s.rows for s in shards):
+        raise UserError(f"{path}: rows {rows} != sum of shard rows {sum(s.rows for s in shards)}")
+    digest = _field(doc, "digest", str, path)
+    if digest != dataset_digest([s.sha256 for s in shards]):
+        raise UserError(f"{path}: digest does not match the shard digests")
+    for s in shards:
+        shard_path = root / s.file
+        if not shard_path.is_file():
+            raise UserError(f"{shard_path}: shard listed in {path} is missing")
+        size = shard_path.stat().st_size
+        if size != s.bytes:
+            raise UserError(f"{shard_path}: {size} bytes, manifest says {s.bytes} (corrupt or partial shard)")
+        if verify:
+            actual = file_sha256(shard_path)
+            if actual != s.sha256:
+                raise UserError(f"{shard_path}: sha256 {actual[:12]}... does not match the manifest ({s.sha256[:12]}...)")
+    return Manifest(
+        root=root,
+        rows=rows,
+        shards=shards,
+        digest=digest,
+        counts=_field(doc, "counts", dict, path),
+        rejects=_field(doc, "rejects", int, path),
+        filtered=_field(doc, "filtered", int, path),
+        data_spec=_field(doc, "data_spec", dict, path),
+        source=_field(doc, "source", dict, path),
+        raw=doc,
+    )

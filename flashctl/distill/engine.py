@@ -1,0 +1,293 @@
+"""DeepSpeed plumbing, model-agnostic: config, process group, one engine per trainable model.
+
+Rules we follow (design §5): flashctl computes every number of the DeepSpeed config (no
+"auto"); each trainable model (student, critic) gets its own engine, optimizer and config
+copy; frozen models (teachers, text encoder, VAE) stay out of the trainable engines, either
+as plain replicas (`freeze`) or, when they are too big to replicate, as ZeRO-3 engines
+without an optimizer (`make_frozen_engine`). Every collective runs on all ranks.
+
+deepspeed is imported lazily inside functions: on CPU, ``DS_ACCELERATOR=cpu`` must be in the
+environment before deepspeed is first imported, and `--help` must not pay for the import.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import sys
+import warnings
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from flashctl.errors import UserError
+from flashctl.spec import ExperimentSpec
+
+Device = Literal["cpu", "cuda"]
+
+# DeepSpeed's default persistence threshold (parameters with fewer elements are kept whole on
+# every rank). At CPU scale every tensor of the tiny models is below it, so nothing would be
+# partitioned; we use 0 there so the tiny runs exercise the same gather/partition paths as the
+# GPU runs.
+GPU_PERSISTENCE_THRESHOLD = 100_000
+CPU_PERSISTENCE_THRESHOLD = 0
+
+# Adam settings of DMD2 (Yin et al., 2024): AdamW, betas (0.9, 0.999), weight decay 0.01.
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+WEIGHT_DECAY = 0.01
+
+_NEVER_PRINT = 1 << 30
+
+
+def ds_config(spec: ExperimentSpec, lr: float, world_size: int, export: bool = False) -> dict[str, Any]:
+    """The DeepSpeed config of one trainable engine, every number computed (no "auto").
+
+    `lr` is the engine's learning rate (student and critic differ); `world_size` the number
+    of data-parallel ranks; `export` turns on gathering 16-bit weights on save (needed to
+    write a consolidated model from a ZeRO-3 engine).
+    """
+    ds = spec.deepspeed
+    if world_size < 1:
+        raise ValueError(f"world_size {world_size} must be >= 1")
+    if lr <= 0:
+        raise ValueError(f"learning rate {lr} must be > 0")
+    if ds.offload_param != "none" and ds.zero_stage != 3:
+        raise UserError(f"deepspeed.offload_param: {ds.offload_param!r} needs zero_stage 3, not {ds.zero_stage}")
+    if ds.offload_optimizer != "none" and ds.zero_stage == 0:
+        raise UserError(f"deepspeed.offload_optimizer: {ds.offload_optimizer!r} needs zero_stage >= 1")
+    if spec.launch.device == "cpu" and ds.precision == "fp16":
+        raise UserError("deepspeed.precision: fp16 is not supported on the CPU accelerator; use fp32 or bf16")
+
+    micro = spec.distill.batch_size
+    accum = spec.distill.grad_accum
+    threshold = CPU_PERSISTENCE_THRESHOLD if spec.launch.device == "cpu" else GPU_PERSISTENCE_THRESHOLD
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.zero_stage >= 1:
+        zero.update(
+            {
+                "contiguous_gradients": True,
+                "overlap_comm": spec.launch.device == "cuda",
+                "reduce_bucket_size": 50_000_000,
+                "allgather_bucket_size": 50_000_000,
+            }
+        )
+    if ds.zero_stage == 3:
+        zero.update(
+            {
+                "stage3_param_persistence_threshold": threshold,
+                "stage3_prefetch_bucket_size": 50_000_000,
+                "stage3_max_live_parameters": 1_000_000_000,
+                "stage3_max_reuse_distance": 1_000_000_000,
+                "stage3_gather_16bit_weights_on_model_save": bool(export),
+            }
+        )
+    nvme_path = str(spec.run_dir() / "nvme")
+    if ds.offload_optimizer != "none":
+        zero["offload_optimizer"] = {"device": ds.offload_optimizer, "pin_memory": spec.launch.device == "cuda"}
+        if ds.offload_optimizer == "nvme":
+            zero["offload_optimizer"]["nvme_path"] = nvme_path
+    if ds.offload_param != "none":
+        zero["offload_param"] = {"device": ds.offload_param, "pin_memory": spec.launch.device == "cuda"}
+        if ds.offload_param == "nvme":
+            zero["offload_param"]["nvme_path"] = nvme_path
+
+    # torch's AdamW needs no compiled op; with optimizer offload DeepSpeed's CPUAdam is the
+    # fast path (it JIT-compiles once, ~80 s on CPU).
+    torch_adam = ds.offload_optimizer == "none"
+    config: dict[str, Any] = {
+        "train_batch_size": micro * accum * world_size,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": float(ds.gradient_clipping),
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": float(lr),
+                "betas": list(ADAM_BETAS),
+                "eps": ADAM_EPS,
+                "weight_decay": WEIGHT_DECAY,
+                "torch_adam": torch_adam,
+            },
+        },
+        "zero_optimization": zero,
+        "bf16": {"enabled": ds.precision == "bf16"},
+        "fp16": {
+            "enabled": ds.precision == "fp16",
+            "loss_scale": 0,
+            "initial_scale_power": 16,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        },
+        "steps_per_print": _NEVER_PRINT,
+        "wall_clock_breakdown": False,
+    }
+    return config
+
+
+def frozen_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `config` for a frozen ZeRO-3 engine: no optimizer, no 16-bit export gather."""
+    out = copy.deepcopy(config)
+    out.pop("optimizer", None)
+    out.pop("scheduler", None)
+    zero = out.get("zero_optimization", {})
+    zero.pop("offload_optimizer", None)
+    zero["stage3_gather_16bit_weights_on_model_save"] = False
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Process group
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+
+def quiet_collective_warnings() -> None:
+    """Silence torch's per-collective deprecation FutureWarnings (one per call per rank)."""
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(device: Device) -> DistInfo:
+    """Join (or, in a bare single process, create) the process group: gloo on CPU, nccl on CUDA.
+
+    On CPU this sets ``DS_ACCELERATOR=cpu`` before deepspeed is imported; if deepspeed was
+    already imported with another accelerator that is an error (the choice is made once).
+    A bare ``python`` start (no torchrun) becomes a 1-rank group on a free local port.
+    """
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if device == "cpu":
+        if "deepspeed" in sys.modules and os.environ.get("DS_ACCELERATOR") != "cpu":
+            raise RuntimeError("deepspeed was imported before DS_ACCELERATOR=cpu was set")
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
+        os.environ.update(
+            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
+        )
+    quiet_collective_warnings()
+    import deepspeed
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl")
+    return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, dev)
+
+
+def barrier() -> None:
+    """All ranks wait here (no-op outside a process group)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+# --------------------------------------------------------------------------------------------
+# Engines
+
+
+def make_engine(model: nn.Module, config: dict[str, Any]):
+    """A DeepSpeed engine training `model`'s trainable parameters with its own optimizer.
+
+    The config is deep-copied: DeepSpeed mutates the dict it is given, and two engines must
+    never share one.
+    """
+    import deepspeed
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("make_engine: the model has no trainable parameters (use make_frozen_engine)")
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=copy.deepcopy(config))
+    return engine
+
+
+def make_frozen_engine(model: nn.Module, config: dict[str, Any]):
+    """A ZeRO-3 partitioned, optimizer-free engine for a frozen model too big to replicate.
+
+    Its forward is a collective: call it on every rank with the same control flow.
+    """
+    import deepspeed
+
+    freeze(model)
+    engine, _, _, _ = deepspeed.initialize(model=model, config=frozen_config(config))
+    engine.eval()
+    return engine
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Make `model` a frozen plain replica (eval mode, no grads); returns it for chaining."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def _is_partitioned(p: torch.Tensor) -> bool:
+    return hasattr(p, "ds_tensor")
+
+
+def full_state_dict(engine_or_module: Any) -> dict[str, torch.Tensor]:
+    """Full CPU copies of all parameters (gathered from ZeRO-3 partitions) and buffers.
+
+    A collective when parameters are partitioned: call it on every rank. Use it to build a
+    plain replica (e.g. a rank-local eval copy, or initialise a critic from a teacher).
+    """
+    module = getattr(engine_or_module, "module", engine_or_module)
+    params = list(module.named_parameters())
+    partitioned = [p for _, p in params if _is_partitioned(p)]
+    out: dict[str, torch.Tensor] = {}
+
+    def copy_all() -> None:
+        for name, p in params:
+            out[name] = p.detach().to("cpu", copy=True)
+        for name, b in module.named_buffers():
+            out[name] = b.detach().to("cpu", copy=True)
+
+    if partitioned:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+            copy_all()
+    else:
+        copy_all()
+    return out
+
+
+def local_param_bytes(engine_or_module: Any) -> int:
+    """Bytes of parameter storage this rank holds (its ZeRO-3 shard, or whole tensors)."""
+    module = getattr(engine_or_module, "module", engine_or_module)
+    total = 0
+    for p in module.parameters():
+        t = p.ds_tensor if _is_partitioned(p) else p
+        total += t.numel() * t.element_size()
+    return total
+
+
+def full_param_bytes(engine_or_module: Any) -> int:
+    """Bytes of all parameters unpartitioned (what one plain replica would hold)."""
+    module = getattr(engine_or_module, "module", engine_or_module)
+    total = 0
+    for p in module.parameters():
+        n = p.ds_numel if _is_partitioned(p) else p.numel()
+        el = p.ds_tensor.element_size() if _is_partitioned(p) else p.element_size()
+        total += n * el
+    return total

@@ -1,0 +1,379 @@
+"""Slurm launch (`launch.backend: slurm`): sbatch scripts, job arrays, submission, job state.
+
+One distillation run is one batch job: one `srun` task per node, each running `torchrun` with
+c10d rendezvous on the first node, which starts `launch.nproc_per_node` ranks there.
+
+Time limits: the job asks Slurm for SIGUSR1 on the *batch shell* `SIGNAL_LEAD_S` seconds before
+its limit (`--signal=B:USR1@...`). The shell's trap sends SIGTERM to the `srun` step (srun
+forwards signals to its tasks, torchrun to its ranks, with `--shutdown-timeout` long enough for
+the ranks to write a checkpoint: see flashctl.distill.checkpoint.StopRequest), waits for the
+step, then `scontrol requeue`s the job so it resumes from that checkpoint. USR1 rather than
+TERM because `scancel` also sends TERM to the batch shell, and a cancelled job must stay
+cancelled: on TERM the step is stopped the same way but nothing is requeued. `--requeue` also
+lets Slurm requeue the job after a node failure or preemption; `--open-mode=append` keeps the
+earlier logs.
+
+Job arrays (`render_array`): one task per ablation cell, `%N` tasks at a time; each task reads
+line SLURM_ARRAY_TASK_ID + 1 of a cells file (`cell_id<TAB>command`) and runs that command.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from flashctl.errors import UserError
+from flashctl.io import atomic_write_text
+from flashctl.spec import ExperimentSpec
+
+SIGNAL_LEAD_S = 300
+"""Seconds before the time limit at which the batch shell gets SIGUSR1 (Slurm may send it up
+to 60 s earlier). Saving a ZeRO-3 checkpoint of two 20B engines takes minutes on slow disks."""
+SHUTDOWN_GRACE_S = SIGNAL_LEAD_S - 60
+"""torchrun's wait between forwarding SIGTERM to the ranks and killing them."""
+CELLS_FILE = "slurm-cells.tsv"
+ARRAY_SCRIPT = "slurm-array.sbatch"
+JOB_SCRIPT = "slurm.sbatch"
+
+TERMINAL_STATES = frozenset(
+    {
+        "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
+        "BOOT_FAIL", "DEADLINE", "PREEMPTED", "SPECIAL_EXIT",
+    }
+)  # fmt: skip
+_ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering
+
+
+def _job_name(name: str) -> str:
+    return "flashctl-" + re.sub(r"[^A-Za-z0-9_.+-]", "_", name)[:60]
+
+
+def _sbatch_header(spec: ExperimentSpec, job_name: str, output: Path, error: Path) -> list[str]:
+    """`#SBATCH` lines shared by single jobs and arrays."""
+    launch, slurm = spec.launch, spec.launch.slurm
+    lines = [
+        "#!/bin/bash",
+        f"#SBATCH --job-name={job_name}",
+        f"#SBATCH --nodes={launch.nnodes}",
+        "#SBATCH --ntasks-per-node=1",
+        f"#SBATCH --cpus-per-task={slurm.cpus_per_task}",
+    ]
+    if launch.device == "cuda":
+        if slurm.gpus_per_node < 1:
+            raise UserError("launch.slurm.gpus_per_node: must be >= 1 when launch.device is 'cuda'")
+        if launch.nproc_per_node > slurm.gpus_per_node:
+            raise UserError(
+                f"launch.nproc_per_node: {launch.nproc_per_node} ranks per node but "
+                f"launch.slurm.gpus_per_node is {slurm.gpus_per_node}"
+            )
+        lines.append(f"#SBATCH --gpus-per-node={slurm.gpus_per_node}")
+    if slurm.partition:
+        lines.append(f"#SBATCH --partition={slurm.partition}")
+    if slurm.account:
+        lines.append(f"#SBATCH --account={slurm.account}")
+    lines += [
+        f"#SBATCH --time={slurm.time}",
+        f"#SBATCH --output={output}",
+        f"#SBATCH --error={error}",
+        "#SBATCH --open-mode=append",
+        "#SBATCH --requeue",
+        f"#SBATCH --signal=B:USR1@{SIGNAL_LEAD_S}",
+    ]
+    return lines
+
+
+def _exports(env: Mapping[str, str]) -> list[str]:
+    out = []
+    for key, value in env.items():
+        if not _ENV_KEY.match(key):
+            raise ValueError(f"environment variable name {key!r} is not valid in a shell")
+        out.append(f"export {key}={shlex.quote(str(value))}")
+    return out
+
+
+def _worker_args_for_torchrun(argv: Sequence[str]) -> list[str]:
+    """torchrun's tail for a rank command: `-m mod args`, `script.py args` or `--no-python cmd`."""
+    argv = list(argv)
+    if not argv:
+        raise ValueError("empty command")
+    is_python = Path(argv[0]).name.startswith("python") or argv[0] == sys.executable
+    if is_python and len(argv) >= 3 and argv[1] == "-m":
+        return ["-m", *argv[2:]]
+    if is_python and len(argv) >= 2 and argv[1].endswith(".py"):
+        return argv[1:]
+    return ["--no-python", *argv]
+
+
+def _default_env(spec: ExperimentSpec) -> dict[str, str]:
+    env = {"PYTHONUNBUFFERED": "1"}
+    if spec.launch.device == "cpu":
+        env["DS_ACCELERATOR"] = "cpu"
+        env["OMP_NUM_THREADS"] = str(max(1, spec.launch.slurm.cpus_per_task // spec.launch.nproc_per_node))
+    return env
+
+
+_TERM_TRAP = """\
+# USR1 shortly before the time limit (--signal=B:USR1): the step gets SIGTERM, its ranks write
+# a checkpoint and exit, then the job is requeued and resumes from that checkpoint. A plain
+# SIGTERM (scancel, preemption) is forwarded too, without requeueing.
+FLASHCTL_REQUEUE=0
+STEP_PID=
+_flashctl_stop() {
+    echo "flashctl: $1 at $(date -Is): stopping step ${STEP_PID:-none}${2:+, then requeueing job $SLURM_JOB_ID}" >&2
+    [ -n "$2" ] && FLASHCTL_REQUEUE=1
+    [ -n "$STEP_PID" ] && {STOP} 2>/dev/null || true
+}
+trap '_flashctl_stop USR1 requeue' USR1
+trap '_flashctl_stop TERM ""' TERM
+"""
+
+_WAIT_STEP = """\
+rc=0
+wait "$STEP_PID" || rc=$?
+if [ "$FLASHCTL_REQUEUE" = 1 ]; then
+    # `wait` returned early because of the trap: wait for the step itself to finish.
+    while kill -0 "$STEP_PID" 2>/dev/null; do wait "$STEP_PID" || rc=$?; done
+    scontrol requeue "$SLURM_JOB_ID" && exit 0
+fi
+while kill -0 "$STEP_PID" 2>/dev/null; do wait "$STEP_PID" || rc=$?; done
+exit "$rc"
+"""
+
+
+def render_sbatch(
+    spec: ExperimentSpec,
+    run_dir: str | Path,
+    command_argv: Sequence[str],
+    env: Mapping[str, str] | None = None,
+) -> str:
+    """The sbatch script of one distillation run.
+
+    `command_argv` is what every rank runs (e.g. `[python, -m, flashctl.distill.worker,
+    --run-dir, RUN]`); it is started by `srun` (one task per node) + `torchrun --nnodes
+    $SLURM_NNODES --nproc_per_node N --rdzv_backend c10d --rdzv_endpoint $MASTER_ADDR:PORT`.
+    `env` is exported in the script (use `hostfile.node_env(spec)`); on CPU DS_ACCELERATOR=cpu
+    and OMP_NUM_THREADS are added. Logs go to RUN/slurm-%j.out/.err. No GPU request on CPU.
+    """
+    run_dir = Path(run_dir).resolve()
+    launch = spec.launch
+    lines = _sbatch_header(spec, _job_name(spec.run.name), run_dir / "slurm-%j.out", run_dir / "slurm-%j.err")
+    lines += ["", "set -uo pipefail", f"cd {shlex.quote(str(Path.cwd()))}"]
+    lines += _exports({**_default_env(spec), **dict(env or {})})
+    torchrun = [
+        sys.executable, "-m", "torch.distributed.run",
+        "--nnodes", "$SLURM_NNODES",
+        "--nproc_per_node", str(launch.nproc_per_node),
+        "--rdzv_backend", "c10d",
+        "--rdzv_endpoint", "$MASTER_ADDR:$MASTER_PORT",
+        "--rdzv_id", "$SLURM_JOB_ID",
+        "--shutdown-timeout", str(SHUTDOWN_GRACE_S),
+        *_worker_args_for_torchrun(command_argv),
+    ]  # fmt: skip
+    # Quote everything but the $VARIABLES the shell must expand.
+    quoted = " ".join(f'"{a}"' if a.startswith("$") else shlex.quote(a) for a in torchrun)
+    lines += [
+        'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
+        f"export MASTER_PORT={launch.master_port}",
+        'echo "flashctl: job $SLURM_JOB_ID on $SLURM_JOB_NODELIST, restart ${SLURM_RESTART_COUNT:-0}, '
+        'master $MASTER_ADDR:$MASTER_PORT"',
+        "",
+        # SIGTERM to srun itself makes it cancel the step (SIGKILL after a moment); `scancel
+        # --signal` delivers TERM to the step's tasks and leaves their shutdown to them.
+        _TERM_TRAP.replace("{STOP}", 'scancel --signal=TERM "$SLURM_JOB_ID"'),
+        f"srun --kill-on-bad-exit=1 --ntasks-per-node=1 {quoted} &",
+        "STEP_PID=$!",
+        _WAIT_STEP,
+    ]
+    return "\n".join(lines)
+
+
+def cells_file_text(cells: Sequence[tuple[str, Sequence[str], Mapping[str, str]]]) -> str:
+    """The cells file of an array: `cell_id<TAB>env K=V ... argv` per line, shell-quoted."""
+    out = []
+    for cell_id, argv, env in cells:
+        if not cell_id or any(c in cell_id for c in "\t\n\r"):
+            raise ValueError(f"cell id {cell_id!r} must be non-empty without tabs or newlines")
+        if not argv:
+            raise ValueError(f"cell {cell_id!r}: empty command")
+        assigns = []
+        for key, value in env.items():
+            if not _ENV_KEY.match(key):
+                raise ValueError(f"cell {cell_id!r}: environment variable name {key!r} is not valid")
+            assigns.append(f"{key}={value}")
+        command = shlex.join(["env", *assigns, *argv]) if assigns else shlex.join(list(argv))
+        if "\n" in command:
+            raise ValueError(f"cell {cell_id!r}: command contains a newline")
+        out.append(f"{cell_id}\t{command}\n")
+    return "".join(out)
+
+
+def render_array(
+    spec: ExperimentSpec,
+    cells: Sequence[tuple[str, Sequence[str], Mapping[str, str]]],
+    grid_dir: str | Path,
+    env: Mapping[str, str] | None = None,
+) -> str:
+    """The sbatch script of a job array running one ablation cell per task.
+
+    `cells` is [(cell_id, argv, env)]; each task runs its cell's argv (typically
+    `flashctl distill SPEC k=v ...` with MLFLOW_RUN_ID in its env) in its own allocation of
+    the spec's resources. `launch.slurm.array_parallel` tasks run at a time. The cells file
+    `GRID/slurm-cells.tsv` must be written beside it (`write_array` does both); logs go to
+    GRID/logs/%A_%a.out/.err. A task that gets the time-limit SIGTERM requeues itself.
+    """
+    if not cells:
+        raise ValueError("an array needs at least one cell")
+    grid_dir = Path(grid_dir).resolve()
+    cells_file = grid_dir / CELLS_FILE
+    n, par = len(cells), spec.launch.slurm.array_parallel
+    name = _job_name(f"{spec.run.name}-grid")
+    lines = _sbatch_header(spec, name, grid_dir / "logs" / "%A_%a.out", grid_dir / "logs" / "%A_%a.err")
+    lines.insert(2, f"#SBATCH --array=0-{n - 1}%{par}")
+    lines += ["", "set -uo pipefail", f"cd {shlex.quote(str(Path.cwd()))}"]
+    lines += _exports({**_default_env(spec), **dict(env or {})})
+    lines += [
+        f"CELLS={shlex.quote(str(cells_file))}",
+        'LINE="$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" "$CELLS")"',
+        'if [ -z "$LINE" ]; then echo "flashctl: no cell $SLURM_ARRAY_TASK_ID in $CELLS" >&2; exit 2; fi',
+        'CELL_ID="${LINE%%$\'\\t\'*}"',
+        'CELL_CMD="${LINE#*$\'\\t\'}"',
+        "export FLASHCTL_CELL_ID=\"$CELL_ID\"",
+        'echo "flashctl: array task $SLURM_ARRAY_TASK_ID = cell $CELL_ID on $(hostname), '
+        'restart ${SLURM_RESTART_COUNT:-0}"',
+        "",
+        _TERM_TRAP.replace("{STOP}", 'kill -TERM "$STEP_PID"'),
+        'eval "exec $CELL_CMD" &',
+        "STEP_PID=$!",
+        _WAIT_STEP,
+    ]
+    return "\n".join(lines)
+
+
+def write_sbatch(
+    spec: ExperimentSpec, run_dir: str | Path, command_argv: Sequence[str], env: Mapping[str, str] | None = None
+) -> Path:
+    """Write `RUN/slurm.sbatch` (`render_sbatch`) and return its path."""
+    path = Path(run_dir) / JOB_SCRIPT
+    atomic_write_text(path, render_sbatch(spec, run_dir, command_argv, env))
+    path.chmod(0o755)
+    return path
+
+
+def write_array(
+    spec: ExperimentSpec,
+    cells: Sequence[tuple[str, Sequence[str], Mapping[str, str]]],
+    grid_dir: str | Path,
+    env: Mapping[str, str] | None = None,
+) -> Path:
+    """Write `GRID/slurm-cells.tsv` + `GRID/slurm-array.sbatch` (+ GRID/logs/); return the script."""
+    grid_dir = Path(grid_dir)
+    (grid_dir / "logs").mkdir(parents=True, exist_ok=True)
+    script = render_array(spec, cells, grid_dir, env)
+    atomic_write_text(grid_dir / CELLS_FILE, cells_file_text(cells))
+    path = grid_dir / ARRAY_SCRIPT
+    atomic_write_text(path, script)
+    path.chmod(0o755)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Submission and state
+
+
+def _require(tool: str) -> str:
+    found = shutil.which(tool)
+    if found is None:
+        raise UserError(
+            f"launch.backend: 'slurm' needs Slurm's `{tool}` command, which is not on PATH "
+            "(run on a Slurm login node, or use launch.backend: local / hostfile)"
+        )
+    return found
+
+
+def submit(script_path: str | Path) -> str:
+    """Submit a batch script with `sbatch --parsable`; returns the job id."""
+    sbatch = _require("sbatch")
+    proc = subprocess.run([sbatch, "--parsable", str(script_path)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        first = (proc.stderr.strip() or proc.stdout.strip() or f"exit code {proc.returncode}").splitlines()[0]
+        raise UserError(f"sbatch {script_path}: {first}")
+    return proc.stdout.strip().split(";")[0]
+
+
+def _run(argv: list[str]) -> str | None:
+    if shutil.which(argv[0]) is None:
+        return None
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    return proc.stdout if proc.returncode == 0 else None
+
+
+def job_states(job_id: str) -> dict[str, str]:
+    """State of every record of a job ({"123": "COMPLETED"} or {"123_0": ..., "123_1": ...}).
+
+    Asks sacct (the accounting database, which remembers old jobs) first, then `scontrol show
+    job` (jobs still in the controller's memory, MinJobAge), then squeue. {} if none knows it.
+    """
+    out = _run(["sacct", "-X", "-n", "-P", "-j", str(job_id), "-o", "JobID,State"])
+    states: dict[str, str] = {}
+    if out:
+        for line in out.splitlines():
+            if "|" in line:
+                jid, state = line.split("|", 1)
+                states[jid.strip()] = state.split()[0] if state.split() else "UNKNOWN"
+        if states:
+            return states
+    out = _run(["scontrol", "-o", "show", "job", str(job_id)])
+    if out:
+        for line in out.splitlines():
+            fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
+            jid = fields.get("JobId", str(job_id))
+            if fields.get("ArrayTaskId"):
+                jid = f"{fields.get('ArrayJobId', job_id)}_{fields['ArrayTaskId']}"
+            if "JobState" in fields:
+                states[jid] = fields["JobState"]
+        if states:
+            return states
+    out = _run(["squeue", "-h", "-j", str(job_id), "-o", "%i|%T"])
+    if out:
+        for line in out.splitlines():
+            if "|" in line:
+                jid, state = line.split("|", 1)
+                states[jid.strip()] = state.strip()
+    return states
+
+
+def job_state(job_id: str) -> str:
+    """One state for a job or a whole array: PENDING/RUNNING while any record is not finished,
+    COMPLETED when all completed, else the first failure state; UNKNOWN if Slurm has no record."""
+    _require("squeue")
+    states = job_states(job_id)
+    if not states:
+        return "UNKNOWN"
+    values = list(states.values())
+    active = [s for s in values if s not in TERMINAL_STATES]
+    if active:
+        return "RUNNING" if "RUNNING" in active else active[0]
+    failed = [s for s in values if s != "COMPLETED"]
+    return failed[0] if failed else "COMPLETED"
+
+
+def wait_for(job_id: str, timeout_s: float, poll_s: float = 2.0) -> str:
+    """Poll `job_state` until the job (all of an array) is in a terminal state or `timeout_s`
+    passes; returns the last state seen."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    state = job_state(job_id)
+    while state not in TERMINAL_STATES and time.monotonic() < deadline:
+        time.sleep(poll_s)
+        state = job_state(job_id)
+    return state

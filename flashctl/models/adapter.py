@@ -1,0 +1,416 @@
+"""One interface over Qwen-Image T2I + edit components, real (GPU scale) or tiny (CPU scale).
+
+The adapter owns the shared, frozen parts (VAE, text encoder, tokenizer, processor, scheduler
+config) and borrows diffusers' own pipeline code wherever the pipelines define behaviour:
+prompt templates and encoding (`encode_prompt`), latent packing, VAE normalisation, image
+pre/post-processing, the sigma schedule and the Euler step. Conditioning in training is
+therefore the conditioning the exported pipeline uses at inference.
+
+Transformers are passed in explicitly (`velocity`, `sample`), because the trainer runs the
+student, critic and teachers against one VAE / text encoder.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from flashctl.errors import UserError
+from flashctl.models import flow
+
+_FULL_AREA = 1024 * 1024  # the edit pipelines' hard-coded reference area
+
+
+# --------------------------------------------------------------------------------------------
+# Edit reference size (the pipelines resize the source image to ~1 MPix; capped on CPU)
+
+
+def capped_dimensions(target_area: float, ratio: float, multiple: int) -> tuple[int, int]:
+    """Largest (width, height) with width/height ~ ratio, area <= target_area, sides multiples
+    of `multiple` (at least one multiple). Rounds down, unlike diffusers' `calculate_dimensions`
+    (which rounds to 32 and would turn a tiny 48x32 source into 64x64)."""
+    w = math.sqrt(target_area * ratio)
+    h = w / ratio
+    eps = 1e-6  # sqrt/division round-off must not floor 48.0 to 40
+    return (
+        max(multiple, int(w / multiple + eps) * multiple),
+        max(multiple, int(h / multiple + eps) * multiple),
+    )
+
+
+def reference_size(width: int, height: int, max_pixels: int | None, multiple: int) -> tuple[int, int]:
+    """(width, height) the edit pipeline gives a `width` x `height` source image.
+
+    `max_pixels=None` (or >= 1 MPix) is the pipeline's own rule; a smaller cap is the rule
+    `cap_edit_pipeline` installs."""
+    if max_pixels is None or max_pixels >= _FULL_AREA:
+        from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit as mod
+
+        calc = getattr(mod, "_flashctl_uncapped_calculate_dimensions", mod.calculate_dimensions)
+        w, h, _ = calc(_FULL_AREA, width / height)
+        return int(w), int(h)
+    return capped_dimensions(max_pixels, width / height, multiple)
+
+
+def cap_edit_pipeline(pipe: Any, max_pixels: int) -> Any:
+    """Cap the reference-image area of a diffusers `QwenImageEditPipeline` to `max_pixels`.
+
+    The pipeline hard-codes `calculate_dimensions(1024 * 1024, ratio)` (30-60 s per call on a
+    CPU); there is no argument for it, so this replaces that module function with the capped
+    rule of `reference_size`. It affects every QwenImageEditPipeline in the process (the
+    function is module-global); calling it again replaces the cap. Returns `pipe`.
+    """
+    module = sys.modules[type(pipe).__module__]
+    if not hasattr(module, "calculate_dimensions") or hasattr(module, "VAE_IMAGE_SIZE"):
+        raise ValueError(f"cap_edit_pipeline supports QwenImageEditPipeline, not {type(pipe).__name__}")
+    original = getattr(module, "_flashctl_uncapped_calculate_dimensions", module.calculate_dimensions)
+    module._flashctl_uncapped_calculate_dimensions = original
+    multiple = pipe.vae_scale_factor * 2
+
+    def calculate_dimensions(target_area: float, ratio: float) -> tuple[int, int, None]:
+        if target_area <= max_pixels:
+            return original(target_area, ratio)
+        return (*capped_dimensions(max_pixels, ratio, multiple), None)
+
+    module.calculate_dimensions = calculate_dimensions
+    return pipe
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def _load_components(path: str, dtype: torch.dtype) -> dict[str, Any]:
+    from diffusers import DiffusionPipeline
+
+    local = Path(path)
+    if local.exists() or path.startswith((".", "/", "~")):
+        if not (local.expanduser() / "model_index.json").is_file():
+            raise UserError(f"{path}: not a diffusers pipeline folder (no model_index.json)")
+        path = str(local.expanduser())
+    pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=dtype)
+    comps = dict(pipe.components)
+    missing = [k for k in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler") if comps.get(k) is None]
+    if missing:
+        raise UserError(f"{path}: pipeline lacks {', '.join(missing)} (need a Qwen-Image pipeline)")
+    return comps
+
+
+class QwenImageAdapter:
+    """Shared Qwen-Image components and the model maths the trainers and evaluators use.
+
+    Attributes: `transformer` (the pipeline's own, e.g. the teacher), `vae`, `text_encoder`,
+    `tokenizer`, `processor` (None for T2I-only pipelines), `scheduler` (its config defines the
+    sampling schedule), `device`, `dtype`, `edit_max_pixels`.
+    """
+
+    def __init__(
+        self,
+        components: dict[str, Any],
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        edit_max_pixels: int | None = 64 * 64,
+        source: str = "<components>",
+    ):
+        from diffusers import QwenImageEditPipeline, QwenImagePipeline
+
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.edit_max_pixels = edit_max_pixels
+        self.source = source
+        self.transformer = components["transformer"].to(self.device, dtype)
+        self.vae = components["vae"].to(self.device, dtype).eval().requires_grad_(False)
+        self.text_encoder = components["text_encoder"].to(self.device, dtype).eval().requires_grad_(False)
+        self.tokenizer = components["tokenizer"]
+        self.processor = components.get("processor")
+        self.scheduler = components["scheduler"]
+        t2i = {k: components[k] for k in ("scheduler", "vae", "text_encoder", "tokenizer", "transformer")}
+        t2i["transformer"] = self.transformer
+        # The pipelines are used as libraries of the official code (templates, encoding,
+        # packing, pre/post-processing); their denoising loop is not run here.
+        self.t2i_pipe = QwenImagePipeline(**t2i)
+        self.edit_pipe = QwenImageEditPipeline(**t2i, processor=self.processor) if self.processor else None
+        for p in (self.t2i_pipe, self.edit_pipe):
+            if p is not None:
+                p.set_progress_bar_config(disable=True)
+        self.vae_scale_factor: int = self.t2i_pipe.vae_scale_factor
+        self.z_dim: int = self.vae.config.z_dim
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        edit_max_pixels: int | None = 64 * 64,
+    ) -> "QwenImageAdapter":
+        """Load a diffusers Qwen-Image(-Edit) pipeline folder or hub id (safetensors weights)."""
+        return cls(_load_components(str(path), dtype), device, dtype, edit_max_pixels, source=str(path))
+
+    # ---------------------------------------------------------------------------------- text
+
+    def components(self, transformer: torch.nn.Module | None = None) -> dict[str, Any]:
+        """Pipeline components (with `transformer` swapped in when given)."""
+        comps = {
+            "transformer": transformer if transformer is not None else self.transformer,
+            "vae": self.vae,
+            "text_encoder": self.text_encoder,
+            "tokenizer": self.tokenizer,
+            "scheduler": self.scheduler,
+        }
+        if self.processor is not None:
+            comps["processor"] = self.processor
+        return comps
+
+    def _need_edit(self) -> Any:
+        if self.edit_pipe is None:
+            raise UserError(f"{self.source}: pipeline has no processor; editing needs a Qwen-Image-Edit pipeline")
+        return self.edit_pipe
+
+    def reference_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) a `width` x `height` edit source is resized to (capped by edit_max_pixels)."""
+        return reference_size(width, height, self.edit_max_pixels, self.vae_scale_factor * 2)
+
+    def prepare_sources(self, images: list[Image.Image]) -> tuple[list[Image.Image], tuple[int, int]]:
+        """Resize edit source images to the reference size, as the edit pipeline does.
+
+        Returns (resized RGB images, (height, width)); all sources must share one size (the
+        pipeline sizes a batch by its first image)."""
+        sizes = {im.size for im in images}
+        if len(sizes) != 1:
+            raise ValueError(f"edit sources in one batch must share a size, got {sorted(sizes)}")
+        w, h = self.reference_size(*images[0].size)
+        pipe = self._need_edit()
+        return [pipe.image_processor.resize(im.convert("RGB"), h, w) for im in images], (h, w)
+
+    @torch.no_grad()
+    def encode_prompts(
+        self, prompts: list[str], source_images: list[Image.Image] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text(+image) conditioning through the pipelines' own `encode_prompt`.
+
+        T2I prompts use the T2I template; with `source_images` the edit template and the
+        (reference-sized) source image are encoded. "" is the unconditional prompt for CFG.
+        Returns (embeds (B, L, D), mask (B, L) long; 0 marks padding)."""
+        prompts = list(prompts)
+        if source_images is None:
+            embeds, mask = self.t2i_pipe.encode_prompt(prompts, device=self.device)
+        else:
+            if len(source_images) != len(prompts):
+                raise ValueError(f"{len(prompts)} prompts but {len(source_images)} source images")
+            images, _ = self.prepare_sources(list(source_images))
+            embeds, mask = self._need_edit().encode_prompt(prompts, image=images, device=self.device)
+        if mask is None:
+            mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        return embeds.to(self.dtype), mask
+
+    # -------------------------------------------------------------------------------- latents
+
+    def _check_size(self, height: int, width: int) -> None:
+        m = self.vae_scale_factor * 2
+        if height % m or width % m:
+            raise ValueError(f"image size {width}x{height}: sides must be multiples of {m} (VAE factor x patch)")
+
+    def pack(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, z, 1, h, w) or (B, z, h, w) VAE latents -> packed (B, h*w/4, 4z)."""
+        if latents.dim() == 5:
+            latents = latents[:, :, 0]
+        b, c, h, w = latents.shape
+        return self.t2i_pipe._pack_latents(latents, b, c, h, w)
+
+    def unpack(self, packed: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Packed (B, seq, 4z) -> (B, z, 1, h, w) for an image of `height` x `width` pixels."""
+        return self.t2i_pipe._unpack_latents(packed, height, width, self.vae_scale_factor)
+
+    def _latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (1, self.z_dim, 1, 1, 1)
+        mean = torch.tensor(self.vae.config.latents_mean).view(shape).to(like.device, like.dtype)
+        std = torch.tensor(self.vae.config.latents_std).view(shape).to(like.device, like.dtype)
+        return mean, std
+
+    @torch.no_grad()
+    def encode_images(self, images: list[Image.Image] | torch.Tensor) -> torch.Tensor:
+        """Images -> packed, normalised latents (B, seq, 4z), as the pipelines prepare them.
+
+        `images`: PIL images of one size, or a tensor in [-1, 1] of shape (B, 3, H, W) or
+        (B, 3, 1, H, W). The posterior mode is used (the edit pipeline's "argmax") and
+        normalised with the VAE config's latents_mean / latents_std."""
+        if isinstance(images, torch.Tensor):
+            x = images if images.dim() == 5 else images.unsqueeze(2)
+        else:
+            sizes = {im.size for im in images}
+            if len(sizes) != 1:
+                raise ValueError(f"images in one batch must share a size, got {sorted(sizes)}")
+            w, h = images[0].size
+            x = self.t2i_pipe.image_processor.preprocess([im.convert("RGB") for im in images], h, w).unsqueeze(2)
+        self._check_size(x.shape[-2], x.shape[-1])
+        x = x.to(self.device, self.vae.dtype)
+        latents = self.vae.encode(x).latent_dist.mode()
+        mean, std = self._latent_stats(latents)
+        return self.pack((latents - mean) / std).to(self.dtype)
+
+    @torch.no_grad()
+    def encode_sources(self, images: list[Image.Image]) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Edit sources -> (packed latents at the reference size, (height, width) of that size)."""
+        resized, hw = self.prepare_sources(images)
+        return self.encode_images(resized), hw
+
+    @torch.no_grad()
+    def decode_latents(self, packed: torch.Tensor, height: int, width: int) -> list[Image.Image]:
+        """Packed normalised latents -> PIL images (the pipelines' decode path)."""
+        latents = self.unpack(packed, height, width).to(self.vae.dtype)
+        mean, std = self._latent_stats(latents)
+        image = self.vae.decode(latents * std + mean, return_dict=False)[0][:, :, 0]
+        return self.t2i_pipe.image_processor.postprocess(image, output_type="pil")
+
+    # ------------------------------------------------------------------------------- denoiser
+
+    def img_shapes(
+        self, batch: int, height: int, width: int, source_size: tuple[int, int] | None = None
+    ) -> list[list[tuple[int, int, int]]]:
+        """RoPE image shapes for the transformer: the target grid, then the source grid (edits)."""
+        f = self.vae_scale_factor * 2
+        shapes = [(1, height // f, width // f)]
+        if source_size is not None:
+            shapes.append((1, source_size[0] // f, source_size[1] // f))
+        return [shapes] * batch
+
+    def velocity(
+        self,
+        transformer: Any,
+        x_t: torch.Tensor,
+        sigma: torch.Tensor | float,
+        embeds: torch.Tensor,
+        mask: torch.Tensor | None,
+        height: int,
+        width: int,
+        source_latents: torch.Tensor | None = None,
+        source_size: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        """Velocity v_hat (B, seq, 4z) of `transformer` at noisy packed latents `x_t`, level `sigma`.
+
+        For edits, the packed source latents are appended along the sequence (as
+        QwenImageEditPipeline does) and only the noisy tokens' output is returned;
+        `source_size` = (height, width) of the source in pixels (default: the target's).
+        One batch must share one image size (the transformer's RoPE uses the first shape).
+        Runs with gradients if enabled by the caller."""
+        b = x_t.shape[0]
+        if not isinstance(sigma, torch.Tensor):
+            sigma = torch.full((b,), float(sigma), device=x_t.device)
+        sigma = sigma.to(x_t.device, x_t.dtype).reshape(-1).expand(b)
+        hidden = x_t
+        if source_latents is not None:
+            source_size = source_size or (height, width)
+            f = self.vae_scale_factor * 2
+            if source_latents.shape[1] != (source_size[0] // f) * (source_size[1] // f):
+                raise ValueError(f"source latents {tuple(source_latents.shape)} do not match source size {source_size}")
+            hidden = torch.cat([x_t, source_latents.to(x_t.dtype)], dim=1)
+        else:
+            source_size = None
+        if mask is not None and bool(mask.all()):
+            mask = None  # as the pipelines' encode_prompt: no mask when nothing is padded
+        out = transformer(
+            hidden_states=hidden,
+            timestep=sigma,
+            encoder_hidden_states=embeds,
+            encoder_hidden_states_mask=mask,
+            img_shapes=self.img_shapes(b, height, width, source_size),
+            return_dict=False,
+        )[0]
+        return out[:, : x_t.shape[1]]
+
+    # ------------------------------------------------------------------------------- sampling
+
+    def make_scheduler(self) -> Any:
+        """A fresh scheduler with this pipeline's config (schedulers are stateful)."""
+        return type(self.scheduler).from_config(self.scheduler.config)
+
+    def set_timesteps(self, scheduler: Any, steps: int, height: int, width: int) -> torch.Tensor:
+        """Set `scheduler` to the schedule the pipelines use for `steps` at this size; returns
+        its timesteps (sigma * 1000); `scheduler.sigmas` has the `steps + 1` sigmas (last 0)."""
+        from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift, retrieve_timesteps
+
+        seq_len = (height // (self.vae_scale_factor * 2)) * (width // (self.vae_scale_factor * 2))
+        cfg = scheduler.config
+        mu = calculate_shift(
+            seq_len,
+            cfg.get("base_image_seq_len", 256),
+            cfg.get("max_image_seq_len", 4096),
+            cfg.get("base_shift", 0.5),
+            cfg.get("max_shift", 1.15),
+        )
+        sigmas = np.linspace(1.0, 1 / steps, steps)
+        timesteps, _ = retrieve_timesteps(scheduler, steps, self.device, sigmas=sigmas, mu=mu)
+        return timesteps
+
+    def sigmas(self, steps: int, height: int, width: int) -> torch.Tensor:
+        """The `steps + 1` sigmas (ending in 0) the pipelines sample with at this size."""
+        scheduler = self.make_scheduler()
+        self.set_timesteps(scheduler, steps, height, width)
+        return scheduler.sigmas.clone()
+
+    @torch.no_grad()
+    def sample(
+        self,
+        transformer: Any,
+        prompts: list[str],
+        height: int,
+        width: int,
+        steps: int,
+        cfg_scale: float = 1.0,
+        seed: int = 0,
+        source_images: list[Image.Image] | None = None,
+        cfg_rescale: float = 0.0,
+        negative_prompt: str = "",
+        output_type: str = "pil",
+    ) -> list[Image.Image] | torch.Tensor:
+        """Generate images with the pipelines' Euler flow-matching loop.
+
+        Same schedule, noise (one CPU generator seeded with `seed`, drawn for the whole batch)
+        and steps as `QwenImagePipeline(..., generator=torch.Generator().manual_seed(seed))`
+        / `QwenImageEditPipeline`; with `cfg_scale > 1` the pipelines correspond to
+        `cfg_rescale=1.0` and `negative_prompt=""`. `output_type="latent"` returns the packed
+        latents instead of images."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        self._check_size(height, width)
+        b = len(prompts)
+        embeds, mask = self.encode_prompts(prompts, source_images)
+        do_cfg = cfg_scale > 1
+        if do_cfg:
+            n_embeds, n_mask = self.encode_prompts([negative_prompt] * b, source_images)
+        src, src_size = (None, None)
+        if source_images is not None:
+            src, src_size = self.encode_sources(list(source_images))
+        f = self.vae_scale_factor * 2
+        shape = (b, 1, self.z_dim, 2 * (height // f), 2 * (width // f))
+        noise = randn_tensor(shape, generator=torch.Generator("cpu").manual_seed(seed), device=self.device, dtype=embeds.dtype)
+        latents = self.t2i_pipe._pack_latents(noise, b, self.z_dim, shape[3], shape[4])
+        scheduler = self.make_scheduler()
+        timesteps = self.set_timesteps(scheduler, steps, height, width)
+        scheduler.set_begin_index(0)
+        for t in timesteps:
+            sigma = t.expand(b).to(latents.dtype) / 1000
+            v = self.velocity(transformer, latents, sigma, embeds, mask, height, width, src, src_size)
+            if do_cfg:
+                v_u = self.velocity(transformer, latents, sigma, n_embeds, n_mask, height, width, src, src_size)
+                v = flow.cfg_combine(v, v_u, cfg_scale, cfg_rescale)
+            latents = scheduler.step(v, t, latents, return_dict=False)[0]
+        if output_type == "latent":
+            return latents
+        return self.decode_latents(latents, height, width)
+
+    # --------------------------------------------------------------------------------- export
+
+    def save_pipeline(self, out_dir: str | Path, transformer: torch.nn.Module | None = None) -> Path:
+        """Write a diffusers pipeline folder (safetensors) with `transformer` (default: this
+        adapter's). `QwenImagePipeline.from_pretrained(out_dir)` loads it, and so does
+        `QwenImageEditPipeline` when the adapter has a processor. Replaces `out_dir` atomically."""
+        from flashctl.models.export import save_components
+
+        return save_components(self.components(transformer), out_dir)

@@ -1,0 +1,44 @@
+"""Write Qwen-Image components as a diffusers pipeline folder (safetensors), atomically."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+T2I_KEYS = ("scheduler", "vae", "text_encoder", "tokenizer", "transformer")
+
+
+def save_components(components: dict[str, Any], out_dir: str | Path) -> Path:
+    """Save components as a pipeline folder that both `QwenImagePipeline` and, when a
+    `processor` is among them, `QwenImageEditPipeline` load with `from_pretrained(out_dir)`.
+
+    With a processor the folder is written as a `QwenImageEditPipeline` (the T2I pipeline
+    ignores the extra `processor` entry). The folder is written beside `out_dir` and moved into
+    place at the end, so a crash never leaves a half-written pipeline; an existing `out_dir` is
+    replaced.
+    """
+    from diffusers import QwenImageEditPipeline, QwenImagePipeline
+
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if components.get("processor") is not None:
+        pipe = QwenImageEditPipeline(**{k: components[k] for k in (*T2I_KEYS, "processor")})
+    else:
+        pipe = QwenImagePipeline(**{k: components[k] for k in T2I_KEYS})
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        old = None
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out

@@ -1,0 +1,357 @@
+"""Programmatic verifier of shapes images (GenEval-style, at 32-48 px).
+
+It reads an image back into the scene grammar and checks each claim of the prompt or edit:
+
+* background: the background colour (nearest background palette entry covering most pixels);
+* foreground: per-pixel distance from the measured background colour, ramped to [0, 1], so
+  blur and noise degrade it smoothly;
+* objects: a grid cell is occupied when its mean foreground exceeds OCCUPIED; its colour is
+  the nearest palette colour of the median strongly-foreground pixel; its shape is the
+  template (circle, square, triangle) of equal area centred on the blob's centroid with the
+  highest soft IoU (our own renderer draws the templates);
+* letters: soft IoU against every letter rendered by our renderer, over small shifts;
+* edits: the target scene's claims, the instruction's own claim (`edited`) and `preserved`:
+  pixels the edit must not touch stay close to the source image.
+
+A record is correct iff all its claims hold. Images of any size are resized to the record's.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from flashctl.errors import UserError
+from flashctl.shapes.render import from_png, item_mask, letter_mask, shape_mask
+from flashctl.shapes.scene import (
+    BACKGROUNDS,
+    COLOURS,
+    LETTERS,
+    SHAPES,
+    Cell,
+    Item,
+    Scene,
+    grid_cells,
+)
+
+OCCUPIED = 0.12
+"""Mean foreground coverage above which a cell holds an object (a triangle covers ~0.32)."""
+FG_LO, FG_HI = 40.0, 80.0
+"""RGB distance from the background mapped to foreground 0 .. 1 (object colours are >= 115
+away from every background; noise of std 8 stays well below FG_LO)."""
+STRONG = 0.75
+"""Foreground level of the pixels whose colour is read."""
+PRESERVE_TOL = 30.0
+"""Max mean absolute difference (0-255 scale) between output and source in each region the
+edit must not change (a grid cell, or an item's interior for background edits)."""
+PRESERVE_SHIFT = 1
+"""Pixels the whole output may sit off the source for `preserved`."""
+LETTER_SHIFT = 2
+"""Pixels a generated letter may sit off-centre."""
+LETTER_PRESENT = 0.1
+"""Mean foreground inside the letter box above which a letter is present."""
+_AREA = {"circle": math.pi / 4, "square": 1.0, "triangle": 0.5}
+_BG_NAMES = list(BACKGROUNDS)
+_OBJ_NAMES = list(COLOURS)
+_PALETTE = np.array([BACKGROUNDS[n] for n in _BG_NAMES] + [COLOURS[n] for n in _OBJ_NAMES], np.float32)
+
+
+@dataclass(frozen=True)
+class Blob:
+    """What the verifier sees in an occupied cell."""
+
+    colour: str
+    shape: str
+    coverage: float
+
+
+@dataclass
+class Reading:
+    """An image read back into the grammar."""
+
+    pixels: np.ndarray
+    """(H, W, 3) float32 at the scene's size."""
+    background: str
+    fg: np.ndarray
+    """(H, W) foreground in [0, 1]."""
+    cells: dict[Cell, Blob | None]
+    letter: str | None = None
+    letter_colour: str | None = None
+    letter_present: bool = False
+
+
+def load_pixels(image: Image.Image | bytes, width: int, height: int) -> np.ndarray:
+    """(H, W, 3) float32 pixels of an image (PIL or PNG bytes) resized to width x height."""
+    img = from_png(image) if isinstance(image, (bytes, bytearray)) else image.convert("RGB")
+    if img.size != (width, height):
+        img = img.resize((width, height), Image.Resampling.BILINEAR)
+    return np.asarray(img, dtype=np.float32)
+
+
+def read_background(pixels: np.ndarray) -> tuple[str, np.ndarray]:
+    """(name, measured RGB) of the background: the background colour that most pixels are
+    nearest to, among all palette colours; the RGB is the median of those pixels."""
+    flat = pixels.reshape(-1, 3)
+    labels = ((flat[:, None, :] - _PALETTE[None]) ** 2).sum(-1).argmin(1)
+    counts = np.bincount(labels, minlength=len(_PALETTE))[: len(_BG_NAMES)]
+    k = int(counts.argmax())
+    rgb = np.median(flat[labels == k], axis=0) if counts[k] else _PALETTE[k]
+    return _BG_NAMES[k], rgb
+
+
+def foreground(pixels: np.ndarray, bg_rgb: np.ndarray) -> np.ndarray:
+    """(H, W) soft foreground: distance from the background colour ramped to [0, 1]."""
+    dist = np.sqrt(((pixels - bg_rgb) ** 2).sum(-1))
+    return np.clip((dist - FG_LO) / (FG_HI - FG_LO), 0.0, 1.0)
+
+
+def nearest_colour(pixels: np.ndarray, fg: np.ndarray) -> str:
+    """Object colour of a region: nearest palette colour of its median strong-foreground pixel."""
+    sel = pixels[fg >= STRONG]
+    if len(sel) == 0:
+        sel = pixels[fg >= fg.max() * 0.9]
+    med = np.median(sel.reshape(-1, 3), axis=0)
+    obj = _PALETTE[len(_BG_NAMES):]
+    return _OBJ_NAMES[int(((obj - med) ** 2).sum(-1).argmin())]
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    den = np.maximum(a, b).sum()
+    return float(np.minimum(a, b).sum() / den) if den > 0 else 0.0
+
+
+def shape_scores(mask: np.ndarray) -> dict[str, float]:
+    """Soft IoU of a blob with each shape template of equal area, aligned on its centroid."""
+    mass = float(mask.sum())
+    h, w = mask.shape
+    if mass <= 0:
+        return {s: 0.0 for s in SHAPES}
+    ys, xs = np.mgrid[0:h, 0:w] + 0.5
+    cx, cy = float((mask * xs).sum() / mass), float((mask * ys).sum() / mass)
+    scores = {}
+    for s in SHAPES:
+        side = math.sqrt(mass / _AREA[s])
+        box_cy = cy - side / 6 if s == "triangle" else cy  # a triangle's centroid is 2/3 down
+        scores[s] = _iou(mask, shape_mask(s, cx, box_cy, side, w, h))
+    return scores
+
+
+def letter_scores(fg: np.ndarray) -> dict[str, float]:
+    """Best soft IoU of the foreground with each letter template over shifts of +-LETTER_SHIFT px."""
+    h, w = fg.shape
+    out = {}
+    for letter in LETTERS:
+        t = letter_mask(letter, w, h)
+        best = 0.0
+        for dy in range(-LETTER_SHIFT, LETTER_SHIFT + 1):
+            for dx in range(-LETTER_SHIFT, LETTER_SHIFT + 1):
+                best = max(best, _iou(fg, np.roll(t, (dy, dx), axis=(0, 1))))
+        out[letter] = best
+    return out
+
+
+def _box(box: tuple[float, float, float, float]) -> tuple[slice, slice]:
+    x0, y0, x1, y1 = (round(v) for v in box)
+    return slice(max(y0, 0), y1), slice(max(x0, 0), x1)
+
+
+def read(image: Image.Image | bytes, scene: Scene) -> Reading:
+    """Read an image at the scene's size into background, occupied cells and letter."""
+    pixels = load_pixels(image, scene.width, scene.height)
+    background, bg_rgb = read_background(pixels)
+    fg = foreground(pixels, bg_rgb)
+    cells: dict[Cell, Blob | None] = {}
+    for cell in grid_cells(scene.aspect):
+        sl = _box(scene.cell_box(cell))
+        m = fg[sl]
+        coverage = float(m.mean())
+        if coverage < OCCUPIED:
+            cells[cell] = None
+            continue
+        scores = shape_scores(m)
+        cells[cell] = Blob(nearest_colour(pixels[sl], m), max(scores, key=scores.get), coverage)
+    reading = Reading(pixels, background, fg, cells)
+    if any(it.is_letter for it in scene.items):
+        sl = _box(scene.letter_box())
+        reading.letter_present = float(fg[sl].mean()) >= LETTER_PRESENT
+        if reading.letter_present:
+            scores = letter_scores(fg)
+            reading.letter = max(scores, key=scores.get)
+            reading.letter_colour = nearest_colour(pixels, fg)
+    return reading
+
+
+def _matches(blob: Blob | None, item: Item) -> bool:
+    return blob is not None and blob.colour == item.colour and blob.shape == item.shape
+
+
+def _t2i_claims(reading: Reading, scene: Scene) -> dict[str, bool]:
+    claims: dict[str, bool] = {}
+    if scene.names_background():
+        claims["background"] = reading.background == scene.background
+    shapes = [it for it in scene.items if not it.is_letter]
+    if len(shapes) == len(scene.items):  # object scenes: nothing more, nothing less
+        claims["count"] = sum(b is not None for b in reading.cells.values()) == len(shapes)
+    for i, it in enumerate(scene.items):
+        p = f"obj{i}."
+        if it.is_letter:
+            claims[p + "present"] = reading.letter_present
+            claims[p + "letter"] = reading.letter == it.letter
+            claims[p + "colour"] = reading.letter_colour == it.colour
+            continue
+        blob = reading.cells.get(it.cell)
+        claims[p + "present"] = any(_matches(b, it) for b in reading.cells.values())
+        claims[p + "position"] = blob is not None
+        claims[p + "colour"] = blob is not None and blob.colour == it.colour
+        claims[p + "shape"] = blob is not None and blob.shape == it.shape
+    return claims
+
+
+def verify_t2i(image: Image.Image | bytes, scene_json: str) -> dict[str, bool]:
+    """Check every claim of the scene's prompt on an image: `background` (when the prompt
+    names it), `count`, and per item `objN.present|position|colour|shape` or
+    `objN.present|letter|colour`."""
+    scene = Scene.from_json(scene_json)
+    return _t2i_claims(read(image, scene), scene)
+
+
+def _delta(src: Scene, tgt: Scene, edit_type: str) -> tuple[Item | None, Item | None]:
+    """(item before, item after) of an edit; raises UserError if the scenes don't fit the type."""
+    before = [it for it in src.items if it not in tgt.items]
+    after = [it for it in tgt.items if it not in src.items]
+    same_frame = (src.aspect, src.width, src.height) == (tgt.aspect, tgt.width, tgt.height)
+    ok = {
+        "background": not before and not after and src.background != tgt.background,
+        "recolour": len(before) == len(after) == 1 and before[0].colour != after[0].colour,
+        "move": len(before) == len(after) == 1 and before[0].cell != after[0].cell,
+        "remove": len(before) == 1 and not after,
+        "add": len(after) == 1 and not before,
+    }
+    if edit_type not in ok:
+        raise UserError(f"edit_type: unknown edit type {edit_type!r} (expected one of {', '.join(ok)})")
+    if not (same_frame and ok[edit_type]):
+        raise UserError(f"edit_type: {edit_type!r} does not turn the source scene into the target scene")
+    if edit_type != "background" and src.background != tgt.background:
+        raise UserError(f"edit_type: {edit_type!r} edit must keep the background")
+    return (before[0] if before else None), (after[0] if after else None)
+
+
+def _edited(reading: Reading, tgt: Scene, edit_type: str, before: Item | None, after: Item | None) -> bool:
+    if edit_type == "background":
+        return reading.background == tgt.background
+    if edit_type == "recolour" and after.is_letter:
+        return reading.letter_colour == after.colour
+    if edit_type == "remove":
+        return reading.cells[before.cell] is None
+    if edit_type == "move" and reading.cells[before.cell] is not None:
+        return False
+    return _matches(reading.cells[after.cell], after)
+
+
+def _untouched(src: Scene, edit_type: str, before: Item | None, after: Item | None) -> list[np.ndarray]:
+    """(H, W) bool masks of the regions the edit must leave as in the source, checked one by
+    one so that a single spoiled object is not averaged away: each item's interior for a
+    background edit, else every grid cell the edit does not touch (for a letter: all but the
+    letter's box)."""
+    shape = (src.height, src.width)
+    if edit_type == "background":
+        return [item_mask(src, it) >= 0.99 for it in src.items]
+    if (before or after).is_letter:
+        keep = np.ones(shape, bool)
+        x0, y0, x1, y1 = src.letter_box()
+        keep[_box((x0 - 1, y0 - 1, x1 + 1, y1 + 1))] = False
+        return [keep]
+    touched = {it.cell for it in (before, after) if it is not None}
+    regions = []
+    for cell in grid_cells(src.aspect):
+        if cell not in touched:
+            keep = np.zeros(shape, bool)
+            keep[_box(src.cell_box(cell))] = True
+            regions.append(keep)
+    return regions
+
+
+def preservation_errors(output: np.ndarray, source: np.ndarray, regions: list[np.ndarray]) -> list[float]:
+    """Per region, the mean absolute difference (0-255) between output and source, minimised
+    over whole-image shifts of up to PRESERVE_SHIFT px (edge-padded), so a generator that
+    keeps everything but sits a pixel off is not punished."""
+    r = PRESERVE_SHIFT
+    h, w = source.shape[:2]
+    padded = np.pad(output, ((r, r), (r, r), (0, 0)), mode="edge")
+    diffs = [
+        np.abs(padded[r + dy : r + dy + h, r + dx : r + dx + w] - source).mean(-1)
+        for dy in range(-r, r + 1)
+        for dx in range(-r, r + 1)
+    ]
+    return [min(float(d[keep].mean()) for d in diffs) for keep in regions]
+
+
+def verify_edit(
+    image: Image.Image | bytes,
+    source_image: Image.Image | bytes,
+    scene_json: str,
+    source_scene_json: str,
+    edit_type: str,
+) -> dict[str, bool]:
+    """Check an edit output: every claim of the target scene (as `verify_t2i`), `edited` (the
+    instruction was carried out) and `preserved` (untouched pixels match the source image)."""
+    tgt, src = Scene.from_json(scene_json), Scene.from_json(source_scene_json)
+    before, after = _delta(src, tgt, edit_type)
+    reading = read(image, tgt)
+    claims = _t2i_claims(reading, tgt)
+    claims["edited"] = _edited(reading, tgt, edit_type, before, after)
+    source = load_pixels(source_image, src.width, src.height)
+    regions = [keep for keep in _untouched(src, edit_type, before, after) if keep.any()]
+    claims["preserved"] = all(d <= PRESERVE_TOL for d in preservation_errors(reading.pixels, source, regions))
+    return claims
+
+
+def verify_record(record: Mapping, image: Image.Image | bytes) -> dict:
+    """Verify one generated image against a dataset row: {id, task, category, aspect,
+    edit_type, claims, correct}."""
+    if record["task"] == "edit":
+        claims = verify_edit(
+            image, record["source_image"], record["scene"], record["source_scene"], record["edit_type"]
+        )
+    else:
+        claims = verify_t2i(image, record["scene"])
+    return {
+        "id": record.get("id"),
+        "task": record["task"],
+        "category": record.get("category"),
+        "aspect": record.get("aspect"),
+        "edit_type": record.get("edit_type"),
+        "claims": claims,
+        "correct": all(claims.values()),
+    }
+
+
+def _acc(flags: list[bool]) -> dict:
+    return {"n": len(flags), "accuracy": float(np.mean(flags)) if flags else float("nan")}
+
+
+def score(results: Iterable[Mapping]) -> dict:
+    """Aggregate verifier results (from `verify_record`): overall accuracy, accuracy per
+    task / category / aspect / edit type ({name: {n, accuracy}}), and the pass rate of each
+    claim kind (`claims`: "colour", "shape", "edited", ...)."""
+    groups: dict[str, dict[str, list[bool]]] = {k: defaultdict(list) for k in ("task", "category", "aspect", "edit_type")}
+    claims: dict[str, list[bool]] = defaultdict(list)
+    overall = []
+    for r in results:
+        ok = bool(r.get("correct", all(r["claims"].values())))
+        overall.append(ok)
+        for key, group in groups.items():
+            if r.get(key) is not None:
+                group[r[key]].append(ok)
+        for name, value in r["claims"].items():
+            claims[name.rsplit(".", 1)[-1]].append(bool(value))
+    out = {"n": len(overall), "accuracy": _acc(overall)["accuracy"]}
+    for key, group in groups.items():
+        out[f"by_{key}"] = {name: _acc(flags) for name, flags in sorted(group.items())}
+    out["claims"] = {name: _acc(flags)["accuracy"] for name, flags in sorted(claims.items())}
+    return out

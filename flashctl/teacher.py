@@ -1,0 +1,248 @@
+"""`flashctl train-teacher`: flow-matching (SFT) training of a teacher on prepared shards.
+
+From scratch (tiny components built offline; the VAE is trained on the shard images first) or
+fine-tuned from a pipeline folder (e.g. an edit-specialised teacher from the base teacher with
+`train_teacher.t2i=0`). Latents and prompt embeddings are encoded once with the frozen VAE and
+text encoder (`models.cache`). Checkpoints every `checkpoint_every` steps with an atomic
+`latest` pointer; a re-run resumes. The result is a diffusers pipeline folder (EMA weights).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flashctl.errors import UserError
+from flashctl.io import atomic_write_json, atomic_write_text
+from flashctl.spec import ExperimentSpec
+
+EMA_DECAY = 0.999
+
+
+def ckpt_dir_for(output: Path) -> Path:
+    return output.parent / f"{output.name}.ckpt"
+
+
+def logit_normal_sigmas(gen: torch.Generator, n: int) -> torch.Tensor:
+    """Training noise levels from a logit-normal(0, 1), as SD3 / Qwen-Image-class training."""
+    return torch.sigmoid(torch.randn(n, generator=gen))
+
+
+def _images_for_vae(root: Path, data, limit: int = 4096) -> list[torch.Tensor]:
+    """Image batches (one size each) from the shards for VAE training: targets and sources."""
+    from flashctl.data.loader import ShardLoader
+
+    loader = ShardLoader(root, batch_size=32, categories=dict(data.categories), aspects=dict(data.aspects), seed=7)
+    out, n = [], 0
+    for batch in loader:
+        keep = batch["has_image"]
+        if keep.any():
+            out.append(batch["images"][keep])
+        if "source_images" in batch:
+            out.append(batch["source_images"][batch["has_source"]])
+        n += len(batch["ids"])
+        if n >= limit:
+            break
+    return [b for b in out if len(b)]
+
+
+def build_components(spec: ExperimentSpec, ckpt: Path, console) -> dict[str, Any]:
+    """Tiny components with a trained VAE, saved once under `ckpt/components` (reused on resume)."""
+    from flashctl.models.adapter import QwenImageAdapter
+    from flashctl.models.export import save_components
+    from flashctl.models.tiny import build_tiny_pipeline
+    from flashctl.models.vae_train import set_latent_stats, train_vae
+    from flashctl.shapes import corpus
+
+    folder = ckpt / "components"
+    if (folder / "model_index.json").is_file():
+        return QwenImageAdapter.from_pretrained(folder, edit_max_pixels=spec.model.edit_max_pixels).components()
+    tt = spec.train_teacher
+    comps = build_tiny_pipeline(spec.model.tiny, corpus(seed=tt.seed), seed=tt.seed)
+    if tt.vae_steps:
+        images = _images_for_vae(spec.data.root, spec.data)
+        with _progress(console) as prog:
+            task = prog.add_task("vae", total=tt.vae_steps, info="")
+            metrics = train_vae(
+                comps["vae"], images, steps=tt.vae_steps, lr=1e-3, seed=tt.seed, batch_size=16,
+                progress=lambda s, m: prog.update(task, completed=s + 1, info=f"l1 {m['l1']:.4f}"),
+            )
+        console.print(f"vae: l1 {metrics['l1_first']:.3f} -> {metrics['l1_last']:.3f} in {metrics['seconds']:.0f}s")
+        set_latent_stats(comps["vae"], images)
+    save_components(comps, folder)
+    return comps
+
+
+def _progress(console):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+        console=console, transient=False,
+    )
+
+
+def _latest(ckpt: Path) -> Path | None:
+    pointer = ckpt / "latest"
+    if not pointer.is_file():
+        return None
+    path = ckpt / pointer.read_text().strip()
+    return path if path.is_file() else None
+
+
+def _save_state(ckpt: Path, step: int, model, ema, opt, gen: torch.Generator) -> None:
+    name = f"step-{step:07d}.pt"
+    state = {
+        "step": step,
+        "model": model.state_dict(),
+        "ema": ema.module.state_dict(),
+        "n_averaged": ema.n_averaged,
+        "optimizer": opt.state_dict(),
+        "generator": gen.get_state(),
+    }
+    tmp = ckpt / f".{name}.tmp"
+    torch.save(state, tmp)
+    tmp.replace(ckpt / name)
+    atomic_write_text(ckpt / "latest", name + "\n")
+    for old in sorted(ckpt.glob("step-*.pt"))[:-2]:
+        old.unlink()
+
+
+def train_teacher(spec: ExperimentSpec, console=None, resume: bool = True) -> dict[str, Any]:
+    """Train the teacher described by `spec.train_teacher`; returns a summary dict."""
+    from rich.console import Console
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    from flashctl.data.manifest import read_manifest
+    from flashctl.models.adapter import QwenImageAdapter
+    from flashctl.models.cache import encode_dataset, take
+    from flashctl.models.paths import resolve_model_path
+    from flashctl.track import make_tracker
+
+    console = console or Console(stderr=True)
+    tt = spec.train_teacher
+    manifest = read_manifest(spec.data.root)
+    ckpt = ckpt_dir_for(tt.output)
+    ckpt.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(tt.seed)
+    if tt.init_from:
+        adapter = QwenImageAdapter.from_pretrained(resolve_model_path(tt.init_from), edit_max_pixels=spec.model.edit_max_pixels)
+    else:
+        adapter = QwenImageAdapter(build_components(spec, ckpt, console), edit_max_pixels=spec.model.edit_max_pixels)
+
+    tasks = tuple(t for t, w in (("t2i", tt.t2i), ("edit", tt.edit)) if w > 0)
+    if not tasks:
+        raise UserError("train_teacher.t2i / train_teacher.edit: at least one must be > 0")
+    t0 = time.perf_counter()
+    with _progress(console) as prog:
+        task = prog.add_task("encode", total=None, info="")
+        buckets = encode_dataset(
+            adapter, spec.data.root, categories=dict(spec.data.categories), aspects=dict(spec.data.aspects),
+            tasks=tasks, progress=lambda i, n: prog.update(task, completed=i, total=n),
+        )
+    if not buckets:
+        raise UserError(f"{spec.data.root}: no rows with target images for tasks {tasks}")
+    console.print(f"encoded {sum(len(b) for b in buckets.values())} rows in {time.perf_counter() - t0:.0f}s")
+
+    model = adapter.transformer
+    model.train().requires_grad_(True)
+    opt = torch.optim.AdamW(model.parameters(), lr=tt.lr, weight_decay=0.0, betas=(0.9, 0.99))
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(EMA_DECAY), use_buffers=True)
+    gen = torch.Generator().manual_seed(tt.seed)
+    start = 0
+    latest = _latest(ckpt) if resume else None
+    if latest is not None:
+        state = torch.load(latest, weights_only=True)
+        model.load_state_dict(state["model"])
+        ema.module.load_state_dict(state["ema"])
+        ema.n_averaged.copy_(state["n_averaged"])
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        start = int(state["step"])
+        console.print(f"resumed from {latest.name} (step {start})")
+
+    tracker = make_tracker(spec.tracking, ckpt, f"teacher-{tt.output.name}", tags={"flashctl.kind": "teacher"})
+    tracker.start()
+    tracker.log_params_once({"train_teacher." + k: v for k, v in tt.model_dump(mode="json").items()})
+    tracker.log_dataset(spec.data.root, "shards", manifest.digest)
+
+    by_task = {t: [b for b in buckets.values() if b.task == t] for t in tasks}
+    weights = {t: torch.tensor([len(b) for b in by_task[t]], dtype=torch.float) for t in tasks}
+    p_edit = tt.edit / (tt.t2i + tt.edit) if "edit" in tasks and "t2i" in tasks else (1.0 if tasks == ("edit",) else 0.0)
+    warmup = min(100, tt.steps // 10)
+    running = None
+    losses: list[float] = []
+    with _progress(console) as prog:
+        bar = prog.add_task("teacher", total=tt.steps, completed=start, info="")
+        for step in range(start, tt.steps):
+            for g in opt.param_groups:
+                g["lr"] = tt.lr * min(1.0, (step + 1) / max(1, warmup))
+            task = "edit" if torch.rand(1, generator=gen).item() < p_edit else "t2i"
+            bi = torch.multinomial(weights[task], 1, generator=gen).item()
+            bucket = by_task[task][bi]
+            idx = torch.randint(len(bucket), (tt.batch_size,), generator=gen)
+            b = take(bucket, idx)
+            drop = torch.rand(tt.batch_size, generator=gen) < tt.cond_dropout
+            embeds, mask = _drop_condition(b, drop)
+            x0 = b.latents
+            eps = torch.randn(x0.shape, generator=gen)
+            sigma = logit_normal_sigmas(gen, tt.batch_size)
+            s = sigma.view(-1, 1, 1)
+            x_t = (1 - s) * x0 + s * eps
+            v = adapter.velocity(model, x_t, sigma, embeds, mask, b.height, b.width, b.source_latents, b.source_size)
+            loss = torch.nn.functional.mse_loss(v, eps - x0)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            ema.update_parameters(model)
+            lv = loss.item()
+            losses.append(lv)
+            running = lv if running is None else 0.98 * running + 0.02 * lv
+            prog.update(bar, completed=step + 1, info=f"loss {running:.4f}")
+            if (step + 1) % 10 == 0:
+                tracker.log_metrics({"train/loss": running, "train/grad_norm": float(gnorm),
+                                     "train/lr": opt.param_groups[0]["lr"]}, step + 1)
+            if (step + 1) % tt.checkpoint_every == 0 and step + 1 < tt.steps:
+                _save_state(ckpt, step + 1, model, ema, opt, gen)
+    if start < tt.steps:
+        _save_state(ckpt, tt.steps, model, ema, opt, gen)
+    ema.module.eval().requires_grad_(False)
+    out = adapter.save_pipeline(tt.output, transformer=ema.module)
+    first = sum(losses[:50]) / max(1, len(losses[:50])) if losses else math.nan
+    last = sum(losses[-50:]) / max(1, len(losses[-50:])) if losses else math.nan
+    summary = {"output": str(out), "steps": tt.steps, "resumed_from": start, "loss_first50": first,
+               "loss_last50": last, "seconds": time.perf_counter() - t0, "dataset_digest": manifest.digest}
+    atomic_write_json(ckpt / "summary.json", summary)
+    tracker.log_metrics({"train/loss_first50": first, "train/loss_last50": last}, tt.steps)
+    tracker.finish()
+    return summary
+
+
+def _drop_condition(b, drop: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replace the conditioning of `drop`ped samples by the unconditional one (for CFG)."""
+    if not drop.any():
+        return b.embeds, b.mask
+    length = max(b.embeds.shape[1], b.neg_embeds.shape[1])
+
+    def pad(e, m):
+        pe = e.new_zeros(e.shape[0], length, e.shape[2])
+        pm = m.new_zeros(m.shape[0], length)
+        pe[:, : e.shape[1]] = e
+        pm[:, : m.shape[1]] = m
+        return pe, pm
+
+    e, m = pad(b.embeds, b.mask)
+    ne, nm = pad(b.neg_embeds, b.neg_mask)
+    d = drop.view(-1, 1)
+    return torch.where(d.unsqueeze(-1), ne, e), torch.where(d, nm, m)
+
+
+def summary_json(summary: dict[str, Any]) -> str:
+    return json.dumps(summary, indent=2)

@@ -1,0 +1,140 @@
+"""`plan`: parameter counts from configs, ZeRO memory per GPU, activations, NFE, offload options."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from rich.console import Console
+
+from flashctl.errors import UserError
+from flashctl.plan import (
+    QWEN_IMAGE_TEXT_ENCODER,
+    QWEN_IMAGE_TRANSFORMER,
+    model_size,
+    nfe_estimate,
+    plan,
+    render_plan,
+    teachers_used,
+    tiny_configs,
+    trainable_memory,
+)
+from flashctl.spec import load_spec
+
+from conftest import EXPERIMENTS
+
+QWEN = EXPERIMENTS / "qwen-image-flash.yaml"
+TINY = EXPERIMENTS / "tiny-cpu.yaml"
+
+
+def _row(result, name):
+    return next(c for c in result.components if c.name == name)
+
+
+def test_qwen_image_transformer_is_20b_from_its_config():
+    size = model_size(QWEN_IMAGE_TRANSFORMER, "transformer", "test")
+    assert abs(size.total - 20.4e9) / 20.4e9 < 0.05
+    # The largest single layer is a block's 6x modulation Linear: 3072 -> 6*3072 (+ bias).
+    assert size.largest_layer == 3072 * 6 * 3072 + 6 * 3072
+    te = model_size(QWEN_IMAGE_TEXT_ENCODER, "text_encoder", "test")
+    assert abs(te.total - 8.29e9) / 8.29e9 < 0.01  # Qwen2.5-VL-7B
+
+
+def test_tiny_config_counts_match_the_built_tiny_transformer():
+    from flashctl.models.tiny import build_transformer, build_vae
+
+    spec = load_spec(TINY)
+    cfgs = tiny_configs(spec.model.tiny)
+    built = build_transformer(spec.model.tiny)
+    assert model_size(cfgs["transformer"], "transformer", "t").total == sum(p.numel() for p in built.parameters())
+    vae = build_vae(spec.model.tiny)
+    assert model_size(cfgs["vae"], "vae", "t").total == sum(p.numel() for p in vae.parameters())
+
+
+def test_bf16_zero3_rows_equal_deepspeeds_estimator_and_fit_only_with_checkpointing():
+    result = plan(load_spec(QWEN))
+    student = _row(result, "student")
+    assert student.deepspeed_gb is not None
+    assert student.total_gb == pytest.approx(student.deepspeed_gb, rel=1e-6)
+    # 18 bytes per parameter over 64 GPUs + a gathered 16-bit layer and its gradient.
+    n, largest = student.size.total, student.size.largest_layer
+    assert student.total_gb * 1024**3 == pytest.approx(18 * n / 64 + 4 * largest, rel=1e-6)
+    assert [c.name for c in result.components] == [
+        "student", "critic", "teacher base", "teacher edit", "text encoder", "vae"
+    ]  # fmt: skip
+    assert _row(result, "teacher base").placement == "ZeRO-3 /64"
+    assert not result.fits and result.fits_ckpt
+    assert result.activations.checkpointed_gb < result.activations.full_gb / 5
+    # CPU optimizer offload is listed and fits; it removes gradients + optimizer states from the GPU.
+    offload = next(o for o in result.offload_options if o.offload_optimizer == "cpu" and o.offload_param == "none")
+    assert offload.fits and offload.model_states_gb < result.model_states_gb
+    assert offload.cpu_per_node_gb > 0
+
+
+def test_zero3_param_memory_shrinks_with_gpus_and_replicated_parts_do_not():
+    one = plan(load_spec(QWEN, ["launch.nnodes=1"]))
+    eight = plan(load_spec(QWEN, ["launch.nnodes=8"]))
+    for name in ("student", "teacher base"):
+        assert _row(one, name).params_gb / _row(eight, name).params_gb == pytest.approx(8.0)
+    assert _row(one, "text encoder").params_gb == _row(eight, "text encoder").params_gb
+    # ZeRO-2: 16-bit parameters replicated, only gradients and optimizer states partitioned.
+    z2 = plan(load_spec(QWEN, ["deepspeed.zero_stage=2"]))
+    assert _row(z2, "student").params_gb == pytest.approx(_row(one, "student").params_gb * 8)
+    assert _row(z2, "student").total_gb == pytest.approx(_row(z2, "student").deepspeed_gb, rel=1e-6)
+    assert _row(z2, "teacher base").placement == "replicated"
+
+
+def test_offload_moves_states_off_the_gpu():
+    size = model_size(QWEN_IMAGE_TRANSFORMER, "transformer", "t")
+    base = trainable_memory("student", size, 3, "bf16", 8, 8)
+    opt = trainable_memory("student", size, 3, "bf16", 8, 8, offload_optimizer=True)
+    both = trainable_memory("student", size, 3, "bf16", 8, 8, offload_optimizer=True, offload_param=True)
+    assert opt.grads_gb == opt.optim_gb == 0 and opt.params_gb == base.params_gb
+    assert both.params_gb == 0 and both.total_gb == pytest.approx(4 * size.largest_layer / 1024**3)
+    for row in (opt, both):
+        assert row.total_gb == pytest.approx(row.deepspeed_gb, rel=1e-6)
+
+
+def test_tiny_spec_fits_and_renders():
+    result = plan(load_spec(TINY))
+    assert result.fits and result.total_gb < 0.1
+    assert result.precision == "fp32" and _row(result, "student").deepspeed_gb is None
+    console = Console(width=160, record=True)
+    for table in render_plan(result):
+        console.print(table)
+    text = console.export_text()
+    assert "Memory per GPU (MB)" in text and "fits" in text and "teacher base" in text
+
+
+def test_nfe_per_step():
+    spec = load_spec(TINY)
+    nfe = nfe_estimate(spec)
+    # S=4: backward simulation runs k ~ U{0..3} steps + 1 -> 2.5 on average; CFG teacher = 2.
+    assert (nfe.gen_student_mean, nfe.gen_critic, nfe.gen_teacher) == (2.5, 1, 2)
+    assert nfe.generator_step == 5.5 and nfe.critic_step == 3.5
+    assert nfe.per_cycle == 5.5 + 5 * 3.5 and nfe.backward_per_cycle == 6
+    no_cfg = load_spec(TINY, ["teachers.base.cfg_scale=1.0", "teachers.edit.cfg_scale=1.0"])
+    assert nfe_estimate(no_cfg).gen_teacher == 1
+    assert nfe_estimate(load_spec(TINY, ["distill.objective=decoupled-dmd"])).gen_teacher == 3
+
+
+def test_teachers_used_follow_policy_and_mixture():
+    assert teachers_used(load_spec(TINY, ["guidance.policy=single"])) == ["base"]
+    assert teachers_used(load_spec(TINY, ["guidance.policy=stepwise"])) == ["base", "edit"]
+    assert teachers_used(load_spec(TINY, ["guidance.policy=specialised", "mixture.t2i=0"])) == ["edit"]
+    assert teachers_used(load_spec(TINY, ["guidance.policy=stepwise", "mixture.edit=0"])) == ["base"]
+    single = plan(load_spec(TINY, ["guidance.policy=single"]))
+    assert [c.name for c in single.components if c.role == "teacher"] == ["teacher base"]
+
+
+def test_local_pipeline_folder_is_read_and_unknown_paths_are_user_errors(tmp_path):
+    spec = load_spec(TINY)
+    cfg = dict(tiny_configs(spec.model.tiny)["transformer"], num_layers=3)
+    folder = tmp_path / "teacher"
+    (folder / "transformer").mkdir(parents=True)
+    (folder / "transformer" / "config.json").write_text(json.dumps(cfg))
+    result = plan(load_spec(TINY, [f"teachers.base.path={folder}", "guidance.policy=single"]))
+    assert _row(result, "teacher base").size.total > _row(plan(spec), "teacher base").size.total
+    assert "text encoder" not in [c.name for c in result.components]  # the folder has none
+    with pytest.raises(UserError, match=r"teachers\.base\.path: '/nonexistent/x'"):
+        plan(load_spec(TINY, ["teachers.base.path=/nonexistent/x"]))
