@@ -621,6 +621,28 @@ def _environ(**values: str):
                 os.environ[k] = v
 
 
+@contextmanager
+def _signals_interrupt():
+    """SIGTERM / SIGHUP (a closed terminal, `kill`) raise KeyboardInterrupt like Ctrl-C does,
+    so running cells and the mlflow server are stopped instead of left orphaned in their own
+    process groups. Only in the main thread (elsewhere Python cannot install handlers)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
 def run_grid(
     grid: Grid,
     parallel: int = 1,
@@ -655,30 +677,31 @@ def run_grid(
                   f", {min(parallel, max(todo, 1))} at a time", highlight=False)
 
     interrupted = True
-    try:
-        if todo:
-            if _uses_server(store, parallel):
-                grid.out_dir.mkdir(parents=True, exist_ok=True)
-                console.print(f"starting an mlflow server in front of {store} (parallel cells, one writer)",
-                              highlight=False)
-                # MLflow prints a "View run at http://..." link per terminated run on an http
-                # store: here it would point at a server that is gone once the grid ends.
-                with _environ(MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT="true"), \
-                        MlflowServer(store, artifact_root(store), log_path=grid.out_dir / "mlflow-server.log") as server:
-                    console.print(f"mlflow server {server.uri} is up", highlight=False)
-                    client = MlflowClient(tracking_uri=server.uri)
-                    _execute(states, grid, client, server.uri, parallel, experiment_id, command_builder,
+    with _signals_interrupt():
+        try:
+            if todo:
+                if _uses_server(store, parallel):
+                    grid.out_dir.mkdir(parents=True, exist_ok=True)
+                    console.print(f"starting an mlflow server in front of {store} (parallel cells, one writer)",
+                                  highlight=False)
+                    # MLflow prints a "View run at http://..." link per terminated run on an http
+                    # store: here it would point at a server that is gone once the grid ends.
+                    with _environ(MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT="true"), \
+                            MlflowServer(store, artifact_root(store), log_path=grid.out_dir / "mlflow-server.log") as server:
+                        console.print(f"mlflow server {server.uri} is up", highlight=False)
+                        client = MlflowClient(tracking_uri=server.uri)
+                        _execute(states, grid, client, server.uri, parallel, experiment_id, command_builder,
+                                 console, poll_s)
+                else:
+                    _execute(states, grid, direct, store, parallel, experiment_id, command_builder,
                              console, poll_s)
-            else:
-                _execute(states, grid, direct, store, parallel, experiment_id, command_builder,
-                         console, poll_s)
-        interrupted = False
-    finally:
-        result = GridResult(grid, parent_id, experiment_id, states)
-        status = "KILLED" if interrupted else ("FINISHED" if result.ok else "FAILED")
-        with suppress(Exception):  # best effort: the summary below must still print
-            direct.set_terminated(parent_id, status=status)
-        console.print(status_table(grid, states, title=f"grid {grid.grid_id}: parent run {parent_id}"))
+            interrupted = False
+        finally:
+            result = GridResult(grid, parent_id, experiment_id, states)
+            status = "KILLED" if interrupted else ("FINISHED" if result.ok else "FAILED")
+            with suppress(Exception):  # best effort: the summary below must still print
+                direct.set_terminated(parent_id, status=status)
+            console.print(status_table(grid, states, title=f"grid {grid.grid_id}: parent run {parent_id}"))
     failed = result.failed
     if failed:
         console.print(f"[red]{len(failed)} of {len(states)} cells failed[/red]; fix and re-run with --resume "

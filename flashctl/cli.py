@@ -167,6 +167,94 @@ def prepare_data_cmd(
     )
 
 
+@app.command(
+    "train-teacher",
+    epilog=(
+        "Examples:\n\n"
+        "  flashctl train-teacher experiments/teacher-base.yaml\n\n"
+        "  flashctl train-teacher experiments/teacher-edit.yaml train_teacher.steps=500"
+    ),
+)
+@friendly
+def train_teacher_cmd(
+    args: Optional[list[str]] = typer.Argument(None, help=SPEC_ARGS_HELP, metavar="[SPEC] [KEY=VALUE]..."),
+    fresh: bool = typer.Option(False, help="Ignore existing checkpoints and start over."),
+) -> None:
+    """Flow-matching (SFT) training of a teacher on prepared shards; resumes from its checkpoints."""
+    spec = load(args)
+    from flashctl.teacher import train_teacher
+
+    summary = train_teacher(spec, console=console, resume=not fresh)
+    console.print(
+        f"[green]ok[/green] teacher -> {summary['output']} (loss {summary['loss_first50']:.4f} -> "
+        f"{summary['loss_last50']:.4f}, {summary['seconds']:.0f}s)",
+        highlight=False,
+    )
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  flashctl evaluate builtin:base --nfe 40 --cfg 4\n\n"
+        "  flashctl evaluate runs/tiny-cpu/student --nfe 4\n\n"
+        "  flashctl evaluate experiments/tiny-cpu.yaml --nfe 4   # the spec's base teacher"
+    ),
+)
+@friendly
+def evaluate(
+    model: str = typer.Argument(..., help="Pipeline folder, builtin:NAME, or a spec (its base teacher)."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="Dotted overrides of the spec.", metavar="[KEY=VALUE]..."),
+    nfe: int = typer.Option(4, min=1, help="Sampling steps (network evaluations without CFG)."),
+    cfg: float = typer.Option(1.0, min=1.0, help="CFG scale (1 = off; >1 doubles the NFE)."),
+    spec_path: Optional[Path] = typer.Option(None, "--spec", help="Spec giving the eval set (default: embedded)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default: runs/eval/<name>-nfe<N>)."),
+    track: bool = typer.Option(False, help="Log the result to MLflow (tracking section of the spec)."),
+) -> None:
+    """Sample the seeded eval set, verify every image, print accuracy per category / edit type and s/image."""
+    from flashctl.spec import load_spec
+
+    as_spec = model.endswith((".yaml", ".yml"))
+    spec = load_spec(model if as_spec else spec_path, list(overrides or []))
+    path = spec.teachers[spec.guidance.base].path if as_spec else model
+    from flashctl.evaluate_cmd import run_evaluate
+
+    result = run_evaluate(spec, path, nfe, cfg, out_dir, track, console)
+    out.print(result, highlight=False)
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  flashctl distill                                   # the embedded default (tiny CPU run)\n\n"
+        "  flashctl distill experiments/tiny-cpu.yaml distill.steps=50 guidance.policy=single\n\n"
+        "  flashctl distill experiments/qwen-image-flash.yaml --dry-run"
+    ),
+)
+@friendly
+def distill(
+    args: Optional[list[str]] = typer.Argument(None, help=SPEC_ARGS_HELP, metavar="[SPEC] [KEY=VALUE]..."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the launch command and DeepSpeed config; run nothing."),
+    print_config: bool = typer.Option(False, "--print-config", help="Print the resolved spec and exit."),
+    fresh: bool = typer.Option(False, help="Delete an existing run directory of this run name first."),
+) -> None:
+    """DMD2 distillation under DeepSpeed (ZeRO-3): student + critic engines, frozen teacher(s); resumes."""
+    from flashctl.spec import to_yaml
+
+    spec = load(args)
+    if print_config:
+        out.print(to_yaml(spec), end="", highlight=False, markup=False)
+        return
+    from flashctl.distill.job import check_inputs, describe, launch, prepare_run
+
+    check_inputs(spec)
+    prep = prepare_run(spec, fresh=fresh and not dry_run, dry_run=dry_run)
+    if dry_run:
+        out.print(describe(prep), end="", highlight=False, markup=False)
+        return
+    console.print(f"{'resuming' if prep.resuming else 'starting'} {prep.run_dir}", highlight=False)
+    launch(spec, prep, console)
+
+
 def main() -> None:  # pragma: no cover - console entry
     app()
 

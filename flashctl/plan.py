@@ -17,6 +17,8 @@ Parameter counts come from the model *configs*, never from weights: the known Qw
 ids map to configs written below; local pipeline folders are read (`transformer/config.json`,
 ...); the tiny CPU-scale models are built from `model.tiny`. Each model is instantiated on the
 `meta` device (no memory, ~0.1 s for 20B parameters) and its parameters counted.
+
+"GB" is 2**30 bytes throughout, as in DeepSpeed's estimators.
 """
 
 from __future__ import annotations
@@ -291,7 +293,11 @@ def trainable_memory(
     grad_b, optim_b = (4, 12) if mixed else (4, 8)
     if mixed and zero_stage in (1, 2):
         grad_b = 6  # DeepSpeed's stage 1/2 count: 16-bit + fp32 gradient partitions
-    part = lambda nbytes, stage: nbytes * p / (n if zero_stage >= stage else 1)  # noqa: E731
+
+    def part(nbytes: int, stage: int) -> float:
+        """Bytes per GPU of `nbytes` per parameter, partitioned from ZeRO stage `stage` on."""
+        return nbytes * p / (n if zero_stage >= stage else 1)
+
     params = part(w, 3)
     grads = part(grad_b, 2 if not mixed else 1)
     optim = part(optim_b, 1)
@@ -313,7 +319,9 @@ def trainable_memory(
         )  # fmt: skip
         ds = gpu / GB
     elif mixed and zero_stage in (1, 2):
-        from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+        from deepspeed.runtime.zero.stage_1_and_2 import (
+            estimate_zero2_model_states_mem_needs,
+        )
 
         _, gpu = estimate_zero2_model_states_mem_needs(p, gpus_per_node, nnodes, cpu_offload=offload_optimizer)
         ds = gpu / GB
@@ -601,11 +609,16 @@ def plan(spec: ExperimentSpec, teacher_placement: str | None = None) -> PlanResu
                           total_ckpt <= launch.gpu_memory_gb)
         )  # fmt: skip
 
+    edits = "; edits add source-image and reference vision tokens" if spec.mixture.edit > 0 else ""
     notes = [
-        "activations are an order-of-magnitude estimate (34 B/token/hidden/layer in 16-bit, fused "
-        f"attention); gradient checkpointing cuts them {acts.full_gb / max(acts.checkpointed_gb, 1e-12):.0f}x",
-        f"sequence = {acts.image_tokens} image + {acts.text_tokens} text tokens (assumed {TEXT_TOKENS}-token prompts"
-        + ("; edits add source-image and reference vision tokens)" if spec.mixture.edit > 0 else ")"),
+        (
+            "activations are an order-of-magnitude estimate (34 B/token/hidden/layer in 16-bit, fused "
+            f"attention); gradient checkpointing cuts them {acts.full_gb / max(acts.checkpointed_gb, 1e-12):.0f}x"
+        ),
+        (
+            f"sequence = {acts.image_tokens} image + {acts.text_tokens} text tokens "
+            f"(assumed {TEXT_TOKENS}-token prompts{edits})"
+        ),
     ]
     if ds.precision == "fp32":
         notes.append("DeepSpeed's estimators assume 16-bit mixed precision; fp32 rows use 16 B/param (no master copy)")
@@ -681,7 +694,10 @@ def render_plan(result: PlanResult) -> list[Any]:
     if r.overhead_gb:
         mem.add_row("CUDA context / buffers", "", "", "", "", "", "", _gb(r.overhead_gb), "")
     mem.add_section()
-    verdict = lambda ok: "[green]fits[/]" if ok else "[red]does not fit[/]"  # noqa: E731
+
+    def verdict(ok: bool) -> str:
+        return "[green]fits[/]" if ok else "[red]does not fit[/]"
+
     mem.add_row("total", "", f"budget {r.gpu_memory_gb:g} GB", "", "", "", "", _gb(r.total_gb), verdict(r.fits))
     mem.add_row("total, checkpointing", "", "", "", "", "", "", _gb(r.total_ckpt_gb), verdict(r.fits_ckpt))
 

@@ -544,6 +544,8 @@ def spec_hash(spec: ExperimentSpec, exclude: tuple[str, ...] = ("run", "tracking
     left out: the same recipe under another name has the same hash.
     """
     data = {k: v for k, v in resolved_dict(spec).items() if k not in exclude}
+    if "launch" in data:  # the rendezvous address does not change what is trained
+        data["launch"] = {k: v for k, v in data["launch"].items() if k not in ("master_addr", "master_port")}
     blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

@@ -27,6 +27,11 @@ def resolve_uri(uri: str, base: Path | None = None) -> str:
     return uri
 
 
+def tracking_uri(tracking: TrackingSpec) -> str:
+    """`MLFLOW_TRACKING_URI` (set for ablation cells served by a grid's server) wins over the spec."""
+    return resolve_uri(os.environ.get("MLFLOW_TRACKING_URI") or tracking.uri)
+
+
 def artifact_root(uri: str) -> str | None:
     """Artifact location for experiments on a local SQLite store: `mlartifacts/` next to the DB."""
     if uri.startswith("sqlite:///"):
@@ -39,7 +44,7 @@ def client_for(tracking: TrackingSpec):
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    uri = resolve_uri(tracking.uri)
+    uri = tracking_uri(tracking)
     mlflow.set_tracking_uri(uri)
     return MlflowClient(tracking_uri=uri)
 
@@ -75,7 +80,7 @@ class Tracker:
         self.run_name = run_name
         self.tags = dict(tags or {})
         self.client = client_for(tracking)
-        self.uri = resolve_uri(tracking.uri)
+        self.uri = tracking_uri(tracking)
         self.run_id: str | None = None
         self._metrics: list[Any] = []
         self._last_flush = time.monotonic()

@@ -58,7 +58,7 @@ def main() -> None:
     result = {
         "rank": rank,
         "world_size": world,
-        "node_rank": int(os.environ.get("CROSS_RANK", -1)),
+        "node_rank": int(os.environ.get("CROSS_RANK", "-1")),
         "local_rank": int(os.environ["LOCAL_RANK"]),
         "losses": losses,
         "total_params": total,

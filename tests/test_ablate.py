@@ -246,8 +246,9 @@ def test_parallel_cells_through_a_server_lose_no_metric(workdir):
 
 
 @pytest.mark.slow
-def test_interrupt_stops_running_cells_and_marks_runs_killed(workdir):
-    """Ctrl-C on `ablate`: the running cell's process group is stopped, its run and the parent KILLED."""
+def test_sigterm_stops_cells_and_server_and_marks_runs_killed(workdir):
+    """`kill` (or a closed terminal) on a parallel `ablate`: running cells' process groups and
+    the mlflow server are stopped, the cells' runs and the parent marked KILLED."""
     import signal
     import subprocess
 
@@ -256,27 +257,31 @@ def test_interrupt_stops_running_cells_and_marks_runs_killed(workdir):
     (flags / "hang").write_text("")
     code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_ablate as t, io\n"
             "from rich.console import Console\n"
-            "g = t.plan_grid(t.TINY, [], ['task-mixture'], ['9:1'])\n"
+            "g = t.plan_grid(t.TINY, [], ['task-mixture'], ['9:1', '5:5'])\n"
             f"b = t.worker_builder(t.Path({str(flags)!r}), 5, 1)\n"
-            "t.run_grid(g, command_builder=b, console=Console(file=io.StringIO()), poll_s=0.1)")
+            "t.run_grid(g, parallel=2, command_builder=b, console=Console(file=io.StringIO()), poll_s=0.1)")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=workdir, stderr=subprocess.PIPE, text=True)
-    pid_file = flags / "worker.pid"
-    for _ in range(600):
-        if pid_file.exists() and pid_file.read_text():
+    started = [flags / (slug(k) + ".pid") for k in ("task-mixture=9:1", "task-mixture=5:5")]
+    for _ in range(1200):
+        if all(p.exists() and p.read_text() for p in started):
             break
         assert proc.poll() is None, proc.stderr.read()
         time.sleep(0.1)
-    worker_pid = int(pid_file.read_text())
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=60) != 0
-    assert "KeyboardInterrupt" in proc.stderr.read()
-    with pytest.raises(ProcessLookupError):
-        os.kill(worker_pid, 0)  # the cell's process is gone
-    grid = plan_grid(TINY, [], ["task-mixture"], ["9:1"])
+    workers = [json.loads(p.read_text()) for p in started]
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=90) != 0
+    assert "KeyboardInterrupt: signal SIGTERM" in proc.stderr.read()
+    for w in workers:
+        with pytest.raises(ProcessLookupError):
+            os.kill(w["pid"], 0)  # the cell's process is gone
+    port = int(workers[0]["uri"].rsplit(":", 1)[1])
+    with socket.socket() as sock:  # and so is the server
+        assert sock.connect_ex(("127.0.0.1", port)) != 0
+    grid = plan_grid(TINY, [], ["task-mixture"], ["9:1", "5:5"])
     client = _client(grid.tracking_uri)
-    runs = {r.data.tags[TAG_KIND]: r for r in client.search_runs(
-        [client.get_experiment_by_name(grid.experiment).experiment_id])}
-    assert runs["grid"].info.status == "KILLED" and runs["cell"].info.status == "KILLED"
+    runs = client.search_runs([client.get_experiment_by_name(grid.experiment).experiment_id])
+    assert sorted((r.data.tags[TAG_KIND], r.info.status) for r in runs) == [
+        ("cell", "KILLED"), ("cell", "KILLED"), ("grid", "KILLED")]
 
 
 # --------------------------------------------------------------------------------------------
@@ -298,7 +303,9 @@ def _worker(argv: list[str]) -> int:
     assert run_id == os.environ["MLFLOW_RUN_ID"]
     start = time.time()
     if (flags / "hang").exists():  # stand for a long training run until stopped
-        (flags / "worker.pid").write_text(str(os.getpid()))
+        tmp = flags / (slug(cell_key) + ".pid.tmp")
+        tmp.write_text(json.dumps({"pid": os.getpid(), "uri": uri}))
+        tmp.replace(flags / (slug(cell_key) + ".pid"))  # the test polls for the file: never half-written
         time.sleep(300)
     fail = (flags / slug(cell_key)).exists()
     for step in range(steps):

@@ -3,8 +3,10 @@ real one-node Slurm started by .ci/slurm/setup.sh, or skipped with its reason)."
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -12,13 +14,12 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import EXPERIMENTS, REPO
 
 from flashctl.errors import UserError
 from flashctl.launch import hostfile as hf
 from flashctl.launch import slurm
 from flashctl.spec import ExperimentSpec, load_spec
-
-from conftest import EXPERIMENTS, REPO
 
 TOY_WORKER = Path(__file__).with_name("ds_toy_worker.py")
 
@@ -173,21 +174,27 @@ def run_two_node_loopback(
     run_dir = spec.run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
     env = hf.launcher_env(spec, run_dir, base={**os.environ, "MLFLOW_RUN_ID": "loopback-run", "OMP_NUM_THREADS": "1"})
-    procs = []
-    for rank in (0, 1):
-        cmd = hf.deepspeed_command(spec, run_dir, node_rank=rank, no_ssh=True, worker=worker, worker_args=worker_args)
-        log = open(tmp_path / f"node{rank}.log", "wb")
-        procs.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path), log))
     deadline = time.monotonic() + timeout
-    codes = []
-    for proc, log in procs:
-        try:
-            codes.append(proc.wait(timeout=max(1, deadline - time.monotonic())))
-        except subprocess.TimeoutExpired:
-            for p, _ in procs:
-                p.kill()
-            codes.append(None)
-        log.close()
+    codes: list[int | None] = []
+    with contextlib.ExitStack() as stack:
+        procs = []
+        for rank in (0, 1):
+            cmd = hf.deepspeed_command(spec, run_dir, node_rank=rank, no_ssh=True, worker=worker, worker_args=worker_args)
+            log = stack.enter_context(open(tmp_path / f"node{rank}.log", "wb"))
+            procs.append(
+                subprocess.Popen(
+                    cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True
+                )
+            )
+        for proc in procs:
+            try:
+                codes.append(proc.wait(timeout=max(1, deadline - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                for p in procs:  # each launcher leads its own process group (its ranks included)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(p.pid, signal.SIGKILL)
+                    p.wait()
+                codes.append(None)
     logs = [(tmp_path / f"node{r}.log").read_text(errors="replace") for r in (0, 1)]
     assert codes == [0, 0], "\n\n".join(log[-3000:] for log in logs)
     return spec, run_dir, logs
@@ -220,7 +227,7 @@ def test_two_node_loopback_zero3_run(tmp_path, monkeypatch):
 def _bash_n(script: str, tmp_path: Path) -> None:
     f = tmp_path / "check.sbatch"
     f.write_text(script)
-    proc = subprocess.run(["bash", "-n", str(f)], capture_output=True, text=True)
+    proc = subprocess.run(["bash", "-n", str(f)], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
 
 
@@ -299,7 +306,7 @@ def slurm_cluster() -> None:
     allowed); the test is skipped with the script's reason when it cannot."""
     setup = REPO / ".ci" / "slurm" / "setup.sh"
     try:
-        proc = subprocess.run(["bash", str(setup)], capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(["bash", str(setup)], capture_output=True, text=True, timeout=600, check=False)
     except subprocess.TimeoutExpired:
         pytest.skip("slurm setup: .ci/slurm/setup.sh did not finish in 600 s")
     if proc.returncode != 0:
@@ -316,11 +323,11 @@ def _slurm_spec(**slurm_fields) -> ExperimentSpec:
 def test_sbatch_job_runs_to_completed(slurm_cluster, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "ranks.txt"
-    cmd = ["bash", "-c", f'echo "$RANK/$WORLD_SIZE $DS_ACCELERATOR $MLFLOW_RUN_ID" >> {out}']
+    cmd = ["bash", "-c", f'echo "$RANK/$WORLD_SIZE $DS_ACCELERATOR $MLFLOW_RUN_ID $0" >> {out}', "$HOME"]
     script = slurm.write_sbatch(_slurm_spec(), tmp_path / "run", cmd, {"MLFLOW_RUN_ID": "m1"})
     job = slurm.submit(script)
     assert slurm.wait_for(job, timeout_s=120, poll_s=1) == "COMPLETED"
-    assert sorted(out.read_text().splitlines()) == ["0/2 cpu m1", "1/2 cpu m1"]
+    assert sorted(out.read_text().splitlines()) == ["0/2 cpu m1 $HOME", "1/2 cpu m1 $HOME"]
     assert "flashctl: job" in (tmp_path / "run" / f"slurm-{job}.out").read_text()
 
 
@@ -363,13 +370,16 @@ def test_time_limit_signal_checkpoints_and_requeues(slurm_cluster, tmp_path, mon
         deadline = time.monotonic() + 60
         restarts = "0"
         while time.monotonic() < deadline:
-            info = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True).stdout
+            info = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True, check=False).stdout
             fields = dict(f.split("=", 1) for f in info.split() if "=" in f)
             restarts = fields.get("Restarts", "0")
             if restarts == "1":
                 break
             time.sleep(1)
-        assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == ["ckpt-0", "ckpt-1"]
-        assert restarts == "1" and fields["JobState"] in ("PENDING", "REQUEUED", "RUNNING")
+        log = "".join(p.read_text() for p in (tmp_path / "run").glob("slurm-*"))
+        assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == ["ckpt-0", "ckpt-1"], log
+        # Requeued: restarted once and not finished (PENDING until its begin time, then RUNNING).
+        assert restarts == "1", (info, log)
+        assert fields["JobState"] not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), (info, log)
     finally:
-        subprocess.run(["scancel", job], capture_output=True)
+        subprocess.run(["scancel", job], capture_output=True, check=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import EXPERIMENTS
 from rich.console import Console
 
 from flashctl.errors import UserError
@@ -20,8 +21,6 @@ from flashctl.plan import (
     trainable_memory,
 )
 from flashctl.spec import load_spec
-
-from conftest import EXPERIMENTS
 
 QWEN = EXPERIMENTS / "qwen-image-flash.yaml"
 TINY = EXPERIMENTS / "tiny-cpu.yaml"

@@ -120,29 +120,30 @@ def generator_loss(
     tau_min: float,
     tau_max: float,
     objective: str = "dmd2",
-    base_teacher: Teacher | None = None,
+    tau_generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Distribution-matching loss of a student sample `x` (with grad) and its diagnostics."""
+    """Distribution-matching loss of a student sample `x` (with grad) and its diagnostics.
+
+    `gen` draws the re-noising noise (may differ per rank); `tau_generator` (default `gen`)
+    draws the re-noise levels."""
     b = x.shape[0]
-    tau = obj.sample_tau(gen, b, tau_min, tau_max).to(x)
+    tgen = tau_generator or gen
+    tau = obj.sample_tau(tgen, b, tau_min, tau_max).to(x)
     eps = torch.randn(x.shape, generator=gen).to(x)
     x_tau = obj.add_noise(x.detach(), eps, tau)
     with torch.no_grad():
         fake = obj.x0_from_velocity(x_tau, tau, cond.velocity(critic, x_tau, tau))
     if objective == "decoupled-dmd":
-        # CFG-augmentation term and distribution-matching term at separate re-noise levels.
-        tau2 = obj.sample_tau(gen, b, tau_min, tau_max).to(x)
+        # CFG-augmentation term at its own re-noise level tau2, distribution matching at tau.
+        tau2 = obj.sample_tau(tgen, b, tau_min, tau_max).to(x)
         eps2 = torch.randn(x.shape, generator=gen).to(x)
         x_tau2 = obj.add_noise(x.detach(), eps2, tau2)
         with torch.no_grad():
-            v_c2 = cond.velocity(teacher.model, x_tau2, tau2)
-            v_u2 = cond.velocity(teacher.model, x_tau2, tau2, uncond=True)
-            real_c2 = obj.x0_from_velocity(x_tau2, tau2, v_c2)
-            real_u2 = obj.x0_from_velocity(x_tau2, tau2, v_u2)
-            v_u = cond.velocity(teacher.model, x_tau, tau, uncond=True)
-            real_u = obj.x0_from_velocity(x_tau, tau, v_u)
-        grad = obj.decoupled_dmd_gradient(x.detach(), fake, real_u, real_c2, real_u2, teacher.cfg_scale)
-        real = real_u
+            real_c = obj.x0_from_velocity(x_tau, tau, cond.velocity(teacher.model, x_tau, tau))
+            real_c2 = obj.x0_from_velocity(x_tau2, tau2, cond.velocity(teacher.model, x_tau2, tau2))
+            real_u2 = obj.x0_from_velocity(x_tau2, tau2, cond.velocity(teacher.model, x_tau2, tau2, uncond=True))
+        grad = obj.decoupled_dmd_gradient(x.detach(), fake, real_c, real_c2, real_u2, teacher.cfg_scale)
+        real = real_c
     else:
         real = teacher_x0(teacher, cond, x_tau, tau)
         grad = obj.dmd_gradient(x.detach(), fake, real)

@@ -168,23 +168,24 @@ def render_sbatch(
     lines = _sbatch_header(spec, _job_name(spec.run.name), run_dir / "slurm-%j.out", run_dir / "slurm-%j.err")
     lines += ["", "set -uo pipefail", f"cd {shlex.quote(str(Path.cwd()))}"]
     lines += _exports({**_default_env(spec), **dict(env or {})})
+    # The shell expands the $VARIABLES of the torchrun options; the rank command is quoted as is.
     torchrun = [
-        sys.executable, "-m", "torch.distributed.run",
-        "--nnodes", "$SLURM_NNODES",
+        shlex.quote(sys.executable), "-m", "torch.distributed.run",
+        "--nnodes", '"$SLURM_NNODES"',
         "--nproc_per_node", str(launch.nproc_per_node),
         "--rdzv_backend", "c10d",
-        "--rdzv_endpoint", "$MASTER_ADDR:$MASTER_PORT",
-        "--rdzv_id", "$SLURM_JOB_ID",
+        "--rdzv_endpoint", '"$MASTER_ADDR:$MASTER_PORT"',
+        "--rdzv_id", '"$SLURM_JOB_ID"',
         "--shutdown-timeout", str(SHUTDOWN_GRACE_S),
-        *_worker_args_for_torchrun(command_argv),
     ]  # fmt: skip
-    # Quote everything but the $VARIABLES the shell must expand.
-    quoted = " ".join(f'"{a}"' if a.startswith("$") else shlex.quote(a) for a in torchrun)
+    quoted = " ".join(torchrun + [shlex.quote(a) for a in _worker_args_for_torchrun(command_argv)])
     lines += [
         'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
         f"export MASTER_PORT={launch.master_port}",
-        'echo "flashctl: job $SLURM_JOB_ID on $SLURM_JOB_NODELIST, restart ${SLURM_RESTART_COUNT:-0}, '
-        'master $MASTER_ADDR:$MASTER_PORT"',
+        (
+            'echo "flashctl: job $SLURM_JOB_ID on $SLURM_JOB_NODELIST, restart ${SLURM_RESTART_COUNT:-0}, '
+            'master $MASTER_ADDR:$MASTER_PORT"'
+        ),
         "",
         # SIGTERM to srun itself makes it cancel the step (SIGKILL after a moment); `scancel
         # --signal` delivers TERM to the step's tasks and leaves their shutdown to them.
@@ -247,8 +248,10 @@ def render_array(
         'CELL_ID="${LINE%%$\'\\t\'*}"',
         'CELL_CMD="${LINE#*$\'\\t\'}"',
         "export FLASHCTL_CELL_ID=\"$CELL_ID\"",
-        'echo "flashctl: array task $SLURM_ARRAY_TASK_ID = cell $CELL_ID on $(hostname), '
-        'restart ${SLURM_RESTART_COUNT:-0}"',
+        (
+            'echo "flashctl: array task $SLURM_ARRAY_TASK_ID = cell $CELL_ID on $(hostname), '
+            'restart ${SLURM_RESTART_COUNT:-0}"'
+        ),
         "",
         _TERM_TRAP.replace("{STOP}", 'kill -TERM "$STEP_PID"'),
         'eval "exec $CELL_CMD" &',
@@ -302,7 +305,7 @@ def _require(tool: str) -> str:
 def submit(script_path: str | Path) -> str:
     """Submit a batch script with `sbatch --parsable`; returns the job id."""
     sbatch = _require("sbatch")
-    proc = subprocess.run([sbatch, "--parsable", str(script_path)], capture_output=True, text=True)
+    proc = subprocess.run([sbatch, "--parsable", str(script_path)], capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         first = (proc.stderr.strip() or proc.stdout.strip() or f"exit code {proc.returncode}").splitlines()[0]
         raise UserError(f"sbatch {script_path}: {first}")
@@ -312,7 +315,7 @@ def submit(script_path: str | Path) -> str:
 def _run(argv: list[str]) -> str | None:
     if shutil.which(argv[0]) is None:
         return None
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
     return proc.stdout if proc.returncode == 0 else None
 
 

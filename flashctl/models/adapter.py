@@ -101,6 +101,28 @@ def _load_components(path: str, dtype: torch.dtype) -> dict[str, Any]:
     return comps
 
 
+def _to(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """Move a module; cast only when its dtype differs (diffusers warns on every dtype cast)."""
+    if next(module.parameters()).dtype != dtype:
+        module = module.to(dtype=dtype)
+    return module.to(device)
+
+
+def cat_conditioning(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenate (embeds, mask) pairs of different text lengths along the batch.
+
+    Shorter ones are right-padded with zeros and mask 0, like the pipelines pad a batch, so
+    e.g. conditional and unconditional prompts (or cached per-sample embeddings) can run in
+    one transformer call."""
+    length = max(e.shape[1] for e, _ in parts)
+    embeds, masks = [], []
+    for e, m in parts:
+        pad = length - e.shape[1]
+        embeds.append(torch.nn.functional.pad(e, (0, 0, 0, pad)))
+        masks.append(torch.nn.functional.pad(m, (0, pad)))
+    return torch.cat(embeds), torch.cat(masks)
+
+
 class QwenImageAdapter:
     """Shared Qwen-Image components and the model maths the trainers and evaluators use.
 
@@ -123,9 +145,9 @@ class QwenImageAdapter:
         self.dtype = dtype
         self.edit_max_pixels = edit_max_pixels
         self.source = source
-        self.transformer = components["transformer"].to(self.device, dtype)
-        self.vae = components["vae"].to(self.device, dtype).eval().requires_grad_(False)
-        self.text_encoder = components["text_encoder"].to(self.device, dtype).eval().requires_grad_(False)
+        self.transformer = _to(components["transformer"], self.device, dtype)
+        self.vae = _to(components["vae"], self.device, dtype).eval().requires_grad_(False)
+        self.text_encoder = _to(components["text_encoder"], self.device, dtype).eval().requires_grad_(False)
         self.tokenizer = components["tokenizer"]
         self.processor = components.get("processor")
         self.scheduler = components["scheduler"]

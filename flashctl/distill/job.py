@@ -1,0 +1,114 @@
+"""`flashctl distill` on the launching side: check, write the run directory, start the workers.
+
+The run directory (`run.out_dir/run.name`) holds `spec.resolved.yaml`, `ds_config.json`
+(student engine; the critic's differs only in its learning rate), `checkpoints/`, `student/`
+(the exported diffusers pipeline), `eval/` and `summary.json`. An existing run directory of
+the same spec hash is resumed; one of another spec is refused.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from flashctl.errors import UserError
+from flashctl.io import atomic_write_json, atomic_write_text
+from flashctl.spec import ExperimentSpec, load_spec, spec_hash, to_yaml
+
+WORKER = "flashctl.distill.worker"
+
+
+@dataclass
+class PreparedRun:
+    run_dir: Path
+    command: list[str]
+    env: dict[str, str]
+    ds_config: dict
+    resuming: bool
+
+
+def check_inputs(spec: ExperimentSpec) -> None:
+    """Fail before launching: data prepared, teachers resolvable, guidance consistent."""
+    from flashctl.data.manifest import read_manifest
+    from flashctl.models.paths import resolve_model_path
+
+    if not (Path(spec.data.root) / "manifest.json").is_file():
+        raise UserError(f"data.root: no prepared dataset at {spec.data.root} (run `flashctl prepare-data` first)")
+    read_manifest(spec.data.root, verify=False)
+    if not spec.teachers:
+        raise UserError("teachers: at least one teacher is needed to distil")
+    for name, t in spec.teachers.items():
+        try:
+            resolve_model_path(t.path)
+        except UserError as exc:
+            raise UserError(f"teachers.{name}.path: {exc}") from None
+    if spec.model.init_from not in spec.teachers:
+        try:
+            resolve_model_path(spec.model.init_from)
+        except UserError as exc:
+            raise UserError(f"model.init_from: {exc}") from None
+
+
+def prepare_run(spec: ExperimentSpec, fresh: bool = False, dry_run: bool = False) -> PreparedRun:
+    """Write (or check) the run directory and build the launch command for `spec`.
+
+    With `dry_run` nothing is written."""
+    import shutil
+
+    from flashctl.launch.local import env_for, launch_command
+
+    run_dir = spec.run_dir()
+    resolved = run_dir / "spec.resolved.yaml"
+    resuming = False
+    if resolved.exists():
+        old = load_spec(resolved)
+        if spec_hash(old) != spec_hash(spec) and not fresh:
+            raise UserError(
+                f"{run_dir}: holds a run of another spec (hash {spec_hash(old)} != {spec_hash(spec)}); "
+                "choose another run.name or pass --fresh to start over"
+            )
+        if fresh:
+            shutil.rmtree(run_dir)
+        else:
+            resuming = (run_dir / "checkpoints" / "latest").exists()
+    ds = ds_config_preview(spec)
+    if not dry_run:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(resolved, to_yaml(spec))
+        atomic_write_json(run_dir / "ds_config.json", ds)
+    cmd = launch_command(spec, WORKER, ["--run-dir", str(run_dir.resolve())])
+    return PreparedRun(run_dir, cmd, env_for(spec), ds, resuming)
+
+
+def ds_config_preview(spec: ExperimentSpec) -> dict:
+    """The student engine's DeepSpeed config for this launch's world size."""
+    from flashctl.distill.engine import ds_config
+
+    world = spec.launch.nproc_per_node * spec.launch.nnodes
+    return ds_config(spec, spec.distill.lr_generator, world, export=True)
+
+
+def describe(prep: PreparedRun) -> str:
+    import shlex
+
+    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(prep.env.items())
+                   if k.startswith(("DS_", "OMP_", "MASTER_", "MLFLOW_", "PYTHONWARNINGS")))
+    return (f"# run dir: {prep.run_dir}\n# DeepSpeed config (ds_config.json):\n"
+            + "\n".join("# " + line for line in json.dumps(prep.ds_config, indent=2).splitlines())
+            + f"\n{env} {shlex.join(prep.command)}\n")
+
+
+def launch(spec: ExperimentSpec, prep: PreparedRun, console) -> None:
+    """Run the workers on this machine; output is also appended to `train.log` in the run dir."""
+    from flashctl.distill.worker import EXIT_STOPPED
+    from flashctl.launch.local import run_local
+
+    rc = run_local(prep.command, prep.env, log_path=prep.run_dir / "train.log")
+    if rc == EXIT_STOPPED:
+        raise UserError(f"{prep.run_dir}: stopped by a signal after writing a checkpoint; re-run to resume")
+    if rc != 0:
+        raise UserError(f"{prep.run_dir}: distillation failed (exit {rc}); see {prep.run_dir / 'train.log'}")
+    summary = json.loads((prep.run_dir / "summary.json").read_text())
+    console.print(f"[green]ok[/green] student -> {summary['student']} ({summary['train_time_s']:.0f}s of training)",
+                  highlight=False)

@@ -1,0 +1,51 @@
+"""`flashctl evaluate`: one model on the spec's seeded eval set, printed as tables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flashctl.spec import ExperimentSpec
+
+
+def run_evaluate(spec: ExperimentSpec, model: str, nfe: int, cfg: float, out_dir: Path | None,
+                 track: bool, console):
+    """Evaluate `model` (pipeline folder / builtin:NAME / hub id); returns a rich Table."""
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from flashctl.evaluate import ModelUnderTest, eval_rows, evaluate_models
+    from flashctl.models.adapter import QwenImageAdapter
+    from flashctl.models.paths import resolve_model_path
+
+    path = resolve_model_path(model)
+    name = Path(path).name if Path(path).exists() else model.replace("/", "_")
+    out_dir = out_dir or Path("runs") / "eval" / f"{name}-nfe{nfe}-cfg{cfg:g}"
+    adapter = QwenImageAdapter.from_pretrained(path, edit_max_pixels=spec.model.edit_max_pixels)
+    rows = eval_rows(spec)
+    with Progress(console=console, transient=True) as prog:
+        bar = prog.add_task(f"sampling {name} @ {nfe} NFE", total=len(rows))
+        res = evaluate_models(adapter, {"model": (adapter.transformer, ModelUnderTest("model", nfe, cfg))},
+                              rows, out_dir, spec.eval.seed,
+                              progress=lambda _n, done, total: prog.update(bar, completed=done))
+    summary = res["models"]["model"]
+    table = Table(title=f"{model} @ {nfe} steps, CFG {cfg:g}: verifier accuracy ({len(rows)} eval rows)")
+    table.add_column("group")
+    table.add_column("n", justify="right")
+    table.add_column("accuracy", justify="right")
+    for task, v in summary["by_task"].items():
+        table.add_row(f"[bold]{task}", str(v["n"]), f"{v['accuracy']:.3f}")
+    for cat, v in summary["by_category_t2i"].items():
+        table.add_row(f"t2i / {cat}", str(v["n"]), f"{v['accuracy']:.3f}")
+    for et, v in summary["by_edit_type"].items():
+        table.add_row(f"edit / {et}", str(v["n"]), f"{v['accuracy']:.3f}")
+    table.caption = f"{summary['sec_per_image'] * 1000:.1f} ms per image; images and results.json in {out_dir}"
+    if track and spec.tracking.enabled:
+        from flashctl.track import Tracker
+
+        tracker = Tracker(spec.tracking, out_dir, f"evaluate-{name}", tags={"flashctl.kind": "evaluate"})
+        tracker.start()
+        tracker.log_params_once({"model": model, "nfe": nfe, "cfg": cfg})
+        tracker.log_metrics({k.replace("eval/model/", "eval/"): v for k, v in res["metrics"].items()}, 0)
+        tracker.log_artifact(out_dir / "results.json")
+        tracker.finish()
+    return table
