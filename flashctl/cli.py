@@ -255,6 +255,57 @@ def distill(
     launch(spec, prep, console)
 
 
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  flashctl ablate experiments/tiny-cpu.yaml --factor task-mixture\n\n"
+        "  flashctl ablate experiments/tiny-cpu.yaml --factor teacher-guidance --levels single,stepwise --parallel 2\n\n"
+        "  flashctl ablate experiments/tiny-cpu.yaml --factor task-mixture --factor teacher-guidance --dry-run\n\n"
+        "  flashctl ablate experiments/tiny-cpu.yaml --factor task-mixture --resume"
+    ),
+)
+@friendly
+def ablate(
+    args: Optional[list[str]] = typer.Argument(None, help=SPEC_ARGS_HELP, metavar="[SPEC] [KEY=VALUE]..."),
+    factor: list[str] = typer.Option(..., "--factor", "-f",
+                                     help="data-composition | teacher-guidance | task-mixture (repeat for a grid)."),
+    levels: Optional[str] = typer.Option(None, help="Comma-separated levels to run (default: all)."),
+    parallel: int = typer.Option(1, min=1, help="Cells run at once (a local mlflow server serves the store)."),
+    resume: bool = typer.Option(False, help="Continue an existing grid: skip FINISHED cells, re-run the rest."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the cells and their exact commands; run nothing."),
+) -> None:
+    """Sweep recipe factors: one MLflow parent run per grid, one child run (a distill job) per cell."""
+    from flashctl.ablate import ablate as run_ablate
+
+    spec_path, overrides = split_spec_args(args)
+    result = run_ablate(spec_path, overrides, factor, levels.split(",") if levels else None,
+                        parallel=parallel, resume=resume, dry_run=dry_run, console=out if dry_run else console)
+    if not dry_run and not result.ok:
+        raise typer.Exit(1)
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  flashctl report                                   # the latest grid in ./mlflow.db\n\n"
+        "  flashctl report --experiment flashctl-tiny --out reports/mixture\n\n"
+        "  flashctl report --parent 3f2a... --format csv,md"
+    ),
+)
+@friendly
+def report(
+    experiment: Optional[str] = typer.Option(None, help="MLflow experiment (default: the latest grid anywhere)."),
+    parent: Optional[str] = typer.Option(None, help="Parent run id of the grid."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default: reports/<grid id>)."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="Comma-separated: html,csv,md (default: all)."),
+    tracking_uri: Optional[str] = typer.Option(None, help="Tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)."),
+) -> None:
+    """Tables per factor (best level marked), an HTML report with plots and image grids, CSV/Markdown."""
+    from flashctl.report import make_report
+
+    make_report(tracking_uri, experiment, parent, out_dir, fmt, console=out)
+
+
 def main() -> None:  # pragma: no cover - console entry
     app()
 

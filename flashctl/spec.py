@@ -117,7 +117,7 @@ class ModelSpec(_Model):
     diffusers pipeline folder / hub id."""
     tiny: TinyModelSpec = Field(default_factory=TinyModelSpec)
     """Tiny component sizes (used when components are built offline)."""
-    edit_max_pixels: int = Field(64 * 64, ge=64)
+    edit_max_pixels: int = Field(48 * 32, ge=64)
     """Cap of the edit pipelines' reference-image area (they hard-code ~1 MPix)."""
 
 

@@ -27,3 +27,40 @@ def workdir(tmp_path, monkeypatch) -> Path:
 @pytest.fixture(autouse=True)
 def _threads(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
+
+
+def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 900):
+    """Run `flashctl ARGS` in a subprocess (the way users run it); returns CompletedProcess."""
+    import subprocess
+    import sys
+
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "flashctl.cli", *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    """A small prepared shapes dataset and a random (untrained) tiny teacher pipeline folder.
+
+    Returns dict(root, data, teacher, spec_args): `spec_args` are overrides that point the
+    embedded default at them with short schedules, for fast end-to-end runs."""
+    from flashctl.data.prepare import prepare_data
+    from flashctl.models.adapter import QwenImageAdapter
+    from flashctl.models.tiny import build_tiny_pipeline
+    from flashctl.shapes import corpus
+    from flashctl.spec import DataSpec, TinyModelSpec
+
+    root = tmp_path_factory.mktemp("world")
+    data = DataSpec(root=root / "data", n=160, rows_per_shard=80, seed=3)
+    prepare_data(data, data.root, progress=False)
+    comps = build_tiny_pipeline(TinyModelSpec(), corpus(n=200, seed=0), seed=0)
+    teacher = QwenImageAdapter(comps).save_pipeline(root / "teacher")
+    spec_args = [
+        f"data.root={data.root}", f"teachers.base.path={teacher}", f"teachers.edit.path={teacher}",
+        "distill.steps=4", "distill.batch_size=2", "distill.critic_updates=1", "distill.checkpoint_every=2",
+        "distill.log_every=1", "distill.sample_every=0", "eval.n_t2i=3", "eval.n_edit=3", "eval.teacher_nfe=3",
+        f"tracking.uri=sqlite:///{root}/mlflow.db",
+    ]
+    return {"root": root, "data": data.root, "teacher": teacher, "spec_args": spec_args}

@@ -94,10 +94,17 @@ def test_hostfile_must_match_spec_sizes(tmp_path):
         hf.deepspeed_command(spec, tmp_path / "run", include="n0")
 
 
-def test_deepspeed_command_lines(tmp_path):
+def test_deepspeed_command_lines(tmp_path, monkeypatch):
     f = tmp_path / "hostfile"
     f.write_text("n0 slots=2\nn1 slots=2\n")
     spec = _spec(backend="hostfile", hostfile=str(f), nnodes=2, nproc_per_node=2, master_port=29600)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    monkeypatch.setenv("PATH", str(bin_dir))
+    with pytest.raises(UserError, match="`pdsh` is not on PATH"):
+        hf.deepspeed_command(spec, tmp_path / "run")
+    (bin_dir / "pdsh").write_text("#!/bin/sh\n")  # the ssh launch path only needs pdsh to exist
+    (bin_dir / "pdsh").chmod(0o755)
     with pytest.raises(UserError, match="launch.master_addr: 127.0.0.1 is a loopback address"):
         hf.deepspeed_command(spec, tmp_path / "run")
     spec.launch.master_addr = "10.1.2.3"

@@ -25,6 +25,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import shutil
 import sys
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -193,6 +194,11 @@ def deepspeed_command(
             raise UserError(f"--node-rank: {node_rank} must be in 0..{len(resources) - 1} with --no-ssh")
     elif node_rank is not None:
         raise UserError("--node-rank: only meaningful with --no-ssh (the ssh launcher numbers nodes itself)")
+    if not no_ssh and len(resources) > 1 and shutil.which("pdsh") is None:
+        raise UserError(
+            "launch.backend: 'hostfile' starts remote nodes with pdsh over ssh, and `pdsh` is not on "
+            "PATH; install it, or start every node yourself with --no-ssh --node-rank N"
+        )
     if not no_ssh and len(resources) > 1 and _is_loopback(launch.master_addr):
         first = next(iter(resources))
         raise UserError(

@@ -93,7 +93,11 @@ def _load_components(path: str, dtype: torch.dtype) -> dict[str, Any]:
         if not (local.expanduser() / "model_index.json").is_file():
             raise UserError(f"{path}: not a diffusers pipeline folder (no model_index.json)")
         path = str(local.expanduser())
-    pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=dtype)
+    try:
+        pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype, use_safetensors=True)
+    except (OSError, ValueError) as exc:  # missing folder / hub id, offline, bad model_index
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path}: cannot load a diffusers pipeline ({first})") from None
     comps = dict(pipe.components)
     missing = [k for k in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler") if comps.get(k) is None]
     if missing:
@@ -174,8 +178,6 @@ class QwenImageAdapter:
         """Load a diffusers Qwen-Image(-Edit) pipeline folder or hub id (safetensors weights)."""
         return cls(_load_components(str(path), dtype), device, dtype, edit_max_pixels, source=str(path))
 
-    # ---------------------------------------------------------------------------------- text
-
     def components(self, transformer: torch.nn.Module | None = None) -> dict[str, Any]:
         """Pipeline components (with `transformer` swapped in when given)."""
         comps = {
@@ -188,6 +190,8 @@ class QwenImageAdapter:
         if self.processor is not None:
             comps["processor"] = self.processor
         return comps
+
+    # ---------------------------------------------------------------------------------- text
 
     def _need_edit(self) -> Any:
         if self.edit_pipe is None:
