@@ -236,6 +236,8 @@ def distill(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the launch command and DeepSpeed config; run nothing."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved spec and exit."),
     fresh: bool = typer.Option(False, help="Delete an existing run directory of this run name first."),
+    node_rank: Optional[int] = typer.Option(None, help="hostfile backend with --no-ssh: this node's rank."),
+    no_ssh: bool = typer.Option(False, "--no-ssh", help="hostfile backend: start only this node's ranks (run on every node)."),
 ) -> None:
     """DMD2 distillation under DeepSpeed (ZeRO-3): student + critic engines, frozen teacher(s); resumes."""
     from flashctl.spec import to_yaml
@@ -247,7 +249,7 @@ def distill(
     from flashctl.distill.job import check_inputs, describe, launch, prepare_run
 
     check_inputs(spec)
-    prep = prepare_run(spec, fresh=fresh and not dry_run, dry_run=dry_run)
+    prep = prepare_run(spec, fresh=fresh and not dry_run, dry_run=dry_run, node_rank=node_rank, no_ssh=no_ssh)
     if dry_run:
         out.print(describe(prep), end="", highlight=False, markup=False)
         return
@@ -304,6 +306,26 @@ def report(
     from flashctl.report import make_report
 
     make_report(tracking_uri, experiment, parent, out_dir, fmt, console=out)
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  flashctl plan experiments/qwen-image-flash.yaml\n\n"
+        "  flashctl plan experiments/qwen-image-flash.yaml launch.nnodes=4 deepspeed.offload_optimizer=cpu"
+    ),
+)
+@friendly
+def plan(
+    args: Optional[list[str]] = typer.Argument(None, help=SPEC_ARGS_HELP, metavar="[SPEC] [KEY=VALUE]..."),
+) -> None:
+    """Per-GPU memory under ZeRO (student, critic, teachers), activations, NFE per step, and whether it fits."""
+    spec = load(args)
+    from flashctl.plan import plan as make_plan
+    from flashctl.plan import render_plan
+
+    for table in render_plan(make_plan(spec)):
+        out.print(table)
 
 
 def main() -> None:  # pragma: no cover - console entry

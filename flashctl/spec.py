@@ -287,6 +287,10 @@ class LaunchSpec(_Model):
     """Nodes."""
     hostfile: Path | None = None
     """DeepSpeed hostfile (`host slots=N` lines) for `hostfile`."""
+    include: str = ""
+    """DeepSpeed `--include` filter of hostfile resources (`host1:0,1@host2`)."""
+    exclude: str = ""
+    """DeepSpeed `--exclude` filter of hostfile resources."""
     master_addr: str = "127.0.0.1"
     """Rendezvous address."""
     master_port: int = Field(29511, ge=1024, le=65535)

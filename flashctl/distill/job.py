@@ -26,6 +26,8 @@ class PreparedRun:
     env: dict[str, str]
     ds_config: dict
     resuming: bool
+    script: str | None = None
+    """The sbatch script (`launch.backend: slurm`)."""
 
 
 def check_inputs(spec: ExperimentSpec) -> None:
@@ -50,12 +52,16 @@ def check_inputs(spec: ExperimentSpec) -> None:
             raise UserError(f"model.init_from: {exc}") from None
 
 
-def prepare_run(spec: ExperimentSpec, fresh: bool = False, dry_run: bool = False) -> PreparedRun:
+def prepare_run(spec: ExperimentSpec, fresh: bool = False, dry_run: bool = False,
+                node_rank: int | None = None, no_ssh: bool = False) -> PreparedRun:
     """Write (or check) the run directory and build the launch command for `spec`.
 
-    With `dry_run` nothing is written."""
+    With `dry_run` nothing is written. The command depends on `launch.backend`: `local`
+    (torchrun / deepspeed on this machine), `hostfile` (DeepSpeed's multi-node runner; with
+    `no_ssh` only this node's ranks), `slurm` (the sbatch script is in `PreparedRun.script`)."""
     import shutil
 
+    from flashctl.launch import hostfile
     from flashctl.launch.local import env_for, launch_command
 
     run_dir = spec.run_dir()
@@ -77,8 +83,25 @@ def prepare_run(spec: ExperimentSpec, fresh: bool = False, dry_run: bool = False
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(resolved, to_yaml(spec))
         atomic_write_json(run_dir / "ds_config.json", ds)
-    cmd = launch_command(spec, WORKER, ["--run-dir", str(run_dir.resolve())])
-    return PreparedRun(run_dir, cmd, env_for(spec), ds, resuming)
+    worker_args = ["--run-dir", str(run_dir.resolve())]
+    backend = spec.launch.backend
+    script = None
+    if backend == "hostfile":
+        cmd = hostfile.deepspeed_command(spec, run_dir, node_rank=node_rank, no_ssh=no_ssh,
+                                         include=spec.launch.include, exclude=spec.launch.exclude)
+        env = hostfile.node_env(spec, env_for(spec)) if dry_run else hostfile.launcher_env(spec, run_dir)
+    elif backend == "slurm":
+        import sys
+
+        from flashctl.launch.slurm import render_sbatch
+
+        cmd = [sys.executable, "-m", WORKER, *worker_args]
+        env = hostfile.node_env(spec)
+        script = render_sbatch(spec, run_dir, cmd, env)
+    else:
+        cmd = launch_command(spec, WORKER, worker_args)
+        env = env_for(spec)
+    return PreparedRun(run_dir, cmd, env, ds, resuming, script)
 
 
 def ds_config_preview(spec: ExperimentSpec) -> dict:
@@ -90,7 +113,11 @@ def ds_config_preview(spec: ExperimentSpec) -> dict:
 
 
 def describe(prep: PreparedRun) -> str:
+    """What `--dry-run` prints: the sbatch script, or the DeepSpeed config and the command."""
     import shlex
+
+    if prep.script is not None:
+        return prep.script
 
     env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(prep.env.items())
                    if k.startswith(("DS_", "OMP_", "MASTER_", "MLFLOW_", "PYTHONWARNINGS")))
@@ -104,6 +131,17 @@ def launch(spec: ExperimentSpec, prep: PreparedRun, console) -> None:
     from flashctl.distill.worker import EXIT_STOPPED
     from flashctl.launch.local import run_local
 
+    if prep.script is not None:
+        from flashctl.launch.slurm import JOB_SCRIPT, submit
+
+        path = prep.run_dir / JOB_SCRIPT
+        atomic_write_text(path, prep.script)
+        path.chmod(0o755)
+        job_id = submit(path)
+        atomic_write_text(prep.run_dir / "slurm_job_id", job_id + "\n")
+        console.print(f"[green]submitted[/green] Slurm job {job_id}: {path} (logs in {prep.run_dir}/slurm-{job_id}.out)",
+                      highlight=False)
+        return
     rc = run_local(prep.command, prep.env, log_path=prep.run_dir / "train.log")
     if rc == EXIT_STOPPED:
         raise UserError(f"{prep.run_dir}: stopped by a signal after writing a checkpoint; re-run to resume")
