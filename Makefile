@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml
 # evaluation of student vs teacher, MLflow in ./mlflow.db.
 demo: $(STAMP)
 	$(BIN)/flashctl prepare-data experiments/tiny-cpu.yaml --overwrite --workers 2
+	$(BIN)/flashctl distill experiments/tiny-cpu.yaml --fresh
+	$(BIN)/flashctl ablate experiments/tiny-cpu.yaml --factor task-mixture --resume distill.steps=60 eval.n_t2i=24 eval.n_edit=24
+	$(BIN)/flashctl report --experiment flashctl-tiny
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
@@ -28,6 +31,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/prepare_data.py
+	$(BIN)/python bench/distill_step.py
 
 clean:
 	rm -rf runs data mlflow.db mlartifacts reports

@@ -15,7 +15,20 @@ job resumes from the checkpoint in its run dir). A failing cell never stops the 
 
 Each cell is a subprocess (`cell_command` builds it; any `CommandBuilder` can replace it) that
 gets `MLFLOW_RUN_ID` and `MLFLOW_TRACKING_URI`. With `parallel > 1` on a SQLite store the cells
-log through a local `mlflow server` (one writer in front of the file).
+log through a local `mlflow server` (one writer in front of the file). While a grid runs it holds
+a lock in its folder (a second `ablate` of the same grid fails fast) and records each cell's
+process group there: a grid killed without clean-up (SIGKILL) leaves its cells running in their
+own sessions, and the next `--resume` stops them before running those cells again.
+
+Slurm (`launch.backend: slurm` in the spec or as an override): the backend is the spec's, as for
+`flashctl distill`, so one spec says where everything runs. The unfinished cells go to Slurm
+as ONE job array (`launch/slurm.py: write_array`, one cell per task, `%launch.slurm.array_parallel`
+at a time); each task runs the cell's `flashctl distill ... launch.backend=local` inside its
+allocation with its child's `MLFLOW_RUN_ID`. The grid then waits for the array (`wait=False`
+only submits) and marks every child by its MLflow status, which the job sets itself. An array
+outlives an interrupted grid; `--resume` finds it (parent tag) and waits for it again instead
+of submitting the cells twice. Tasks log straight to the store: on a real cluster use a tracking
+server reachable from the compute nodes (SQLite only for a few tasks on a shared disk).
 
 mlflow is imported inside functions: `--dry-run` and `--help` stay fast and touch nothing.
 """
@@ -67,6 +80,9 @@ TAG_HASH = "flashctl.spec_hash"
 TAG_ATTEMPTS = "flashctl.attempts"
 TAG_EXIT = "flashctl.exit_code"
 TAG_PARENT = "mlflow.parentRunId"
+TAG_ARRAY = "flashctl.slurm_array"  # parent: job id of the grid's latest Slurm array
+TAG_TASK = "flashctl.slurm_task"  # child: "<array job id>_<task index>"
+TAG_SLURM_STATE = "flashctl.slurm_state"  # child: the Slurm state its task ended in
 
 _ALL_CATEGORIES = {"object": 1.0, "scene": 1.0, "text": 1.0}
 _ALL_ASPECTS = {"square": 1.0, "landscape": 1.0, "portrait": 1.0}
@@ -95,7 +111,7 @@ DEFAULT_LEVELS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 # Spec keys a cell's command sets for execution only (not part of the cell's identity).
-EXECUTION_KEYS = ("run.out_dir", "run.name", "tracking.uri", "launch.master_port")
+EXECUTION_KEYS = ("run.out_dir", "run.name", "tracking.uri", "launch.master_port", "launch.backend")
 
 
 # --------------------------------------------------------------------------------------------
@@ -279,16 +295,19 @@ def execution_overrides(grid: Grid, cell: Cell, tracking_uri: str, parallel: int
     """Overrides that place a cell's job (run dir, name, store) without changing its identity.
 
     Cells running at once on one machine need distinct rendezvous ports, so with `parallel > 1`
-    and the local backend each gets `launch.master_port` + its index. (The port is part of
-    `launch`, which `spec_hash` includes: the job computes another hash than the cell's unless
-    `spec_hash` leaves `launch.master_port` out.)
+    and the local backend, and always on Slurm, each gets `launch.master_port` + its index
+    (`spec_hash` leaves the port out). A Slurm array task runs its cell with the local backend.
     """
     args = [f"run.out_dir={grid.out_dir}", f"run.name={cell.name}", f"tracking.uri={tracking_uri}"]
-    if parallel > 1 and grid.base_spec.launch.backend == "local":
+    backend = grid.base_spec.launch.backend
+    if (parallel > 1 and backend == "local") or backend == "slurm":
+        # Array tasks of one grid may share a node too.
         port = grid.base_spec.launch.master_port + cell.index
         if port > 65535:
             port = 1024 + port % 64511
         args.append(f"launch.master_port={port}")
+    if backend == "slurm":
+        args.append("launch.backend=local")  # the task runs the job inside its own allocation
     return args
 
 
@@ -304,6 +323,34 @@ def _uses_server(uri: str, parallel: int) -> bool:
     return parallel > 1 and uri.startswith("sqlite:")
 
 
+def _on_slurm(grid: Grid) -> bool:
+    return grid.base_spec.launch.backend == "slurm"
+
+
+def _check_array(grid: Grid) -> None:
+    """An array task is one allocation of `launch.nnodes` nodes running the local backend, which
+    starts ranks on its own node only: multi-node cells cannot run as array tasks."""
+    if grid.base_spec.launch.nnodes != 1:
+        raise UserError(
+            f"launch.nnodes: a grid on Slurm runs each cell as one job-array task on one node, got "
+            f"{grid.base_spec.launch.nnodes} nodes; run multi-node cells one by one with `flashctl distill`"
+        )
+
+
+ArrayCell = tuple[str, list[str], dict[str, str]]
+
+
+def array_cells(grid: Grid, cells: Sequence[tuple[Cell, str]], uri: str, experiment_id: str,
+                command_builder: CommandBuilder = cell_command) -> list[ArrayCell]:
+    """(cell key, argv, env) per (cell, child run id): the lines of the array's cells file."""
+    out = []
+    for cell, run_id in cells:
+        argv = command_builder(grid, cell, execution_overrides(grid, cell, uri, 1))
+        env = {"MLFLOW_RUN_ID": run_id, "MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_ID": experiment_id}
+        out.append((cell.key, argv, env))
+    return out
+
+
 def print_plan(grid: Grid, parallel: int = 1, command_builder: CommandBuilder = cell_command,
                console=None) -> None:
     """`--dry-run`: the cells (levels, hash, overrides) and each exact command; touches nothing."""
@@ -311,7 +358,11 @@ def print_plan(grid: Grid, parallel: int = 1, command_builder: CommandBuilder = 
     from rich.table import Table
 
     console = console or Console()
-    uri = "http://127.0.0.1:<port>" if _uses_server(grid.tracking_uri, parallel) else grid.tracking_uri
+    on_slurm = _on_slurm(grid)
+    if on_slurm:
+        _check_array(grid)
+    uri = ("http://127.0.0.1:<port>" if _uses_server(grid.tracking_uri, parallel) and not on_slurm
+           else grid.tracking_uri)
     table = Table(title=f"grid {grid.grid_id}: {len(grid.cells)} cells ({' x '.join(grid.factors)})")
     table.add_column("#", justify="right")
     for f in grid.factors:
@@ -325,6 +376,18 @@ def print_plan(grid: Grid, parallel: int = 1, command_builder: CommandBuilder = 
     console.print(f"store {grid.tracking_uri}, experiment {grid.experiment!r}, cells in {grid.out_dir}"
                   + (", served by a local mlflow server" if uri != grid.tracking_uri else ""),
                   highlight=False, markup=False)
+    if on_slurm:
+        from flashctl.launch import slurm
+
+        cells = array_cells(grid, [(c, f"<child run of {c.key}>") for c in grid.cells], uri,
+                            "<experiment id>", command_builder)
+        console.print(f"# {grid.out_dir / slurm.ARRAY_SCRIPT} (one Slurm array task per cell):",
+                      highlight=False, markup=False)
+        console.print(slurm.render_array(grid.base_spec, cells, grid.out_dir), highlight=False, markup=False,
+                      soft_wrap=True)
+        console.print(f"# {grid.out_dir / slurm.CELLS_FILE}:", highlight=False, markup=False)
+        console.print(slurm.cells_file_text(cells), end="", highlight=False, markup=False, soft_wrap=True)
+        return
     for cell in grid.cells:
         argv = command_builder(grid, cell, execution_overrides(grid, cell, uri, parallel))
         env = f"MLFLOW_RUN_ID=<child run of {cell.key}> MLFLOW_TRACKING_URI={uri}"
@@ -419,7 +482,7 @@ class CellState:
 
     cell: Cell
     run_id: str = ""
-    status: str = "pending"  # pending | skipped | running | finished | failed | killed
+    status: str = "pending"  # pending | skipped | queued (Slurm) | running | finished | failed | killed
     resumed: bool = False
     returncode: int | None = None
     started: float | None = None
@@ -445,15 +508,21 @@ class GridResult:
 
     @property
     def ok(self) -> bool:
-        """True when every cell finished (this time or before)."""
-        return all(s.status in ("finished", "skipped") for s in self.cells)
+        """True when no cell failed: each finished (this time or before) or, in a Slurm array
+        left running (`wait=False`, an interrupted wait), is still queued or running there."""
+        return all(s.status in ("finished", "skipped", "queued", "running") for s in self.cells)
 
     @property
     def failed(self) -> list[CellState]:
-        return [s for s in self.cells if s.status not in ("finished", "skipped")]
+        return [s for s in self.cells if s.status not in ("finished", "skipped", "queued", "running")]
+
+    @property
+    def in_flight(self) -> list[CellState]:
+        """Cells still queued or running in a Slurm array after `run_grid` returned."""
+        return [s for s in self.cells if s.status in ("queued", "running")]
 
 
-_STYLE = {"pending": "dim", "skipped": "cyan", "running": "yellow", "finished": "green",
+_STYLE = {"pending": "dim", "skipped": "cyan", "queued": "blue", "running": "yellow", "finished": "green",
           "failed": "red", "killed": "magenta"}
 
 
@@ -497,6 +566,101 @@ def _kill_group(proc: subprocess.Popen, timeout_s: float = 20.0) -> None:
         proc.wait()
     except ProcessLookupError:
         pass
+
+
+# Process groups a grid leaves behind. Cells (and the mlflow server) run in their own sessions so
+# that they can be stopped one by one; the price is that a grid killed by SIGKILL cannot stop
+# them. Each group is recorded as GRID/pids/<name> = "<leader pid> <leader start time>" (pid + start
+# time identify a process across pid reuse) and removed when the grid ends it.
+
+_PIDS = "pids"
+
+
+def _proc_stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, process group, start time in clock ticks) of a live process, from /proc."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2:].split()  # the command name may contain spaces
+    return fields[0], int(fields[2]), int(fields[19])
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of a process group."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            st = _proc_stat(int(entry.name))
+            if st is not None and st[1] == pgid and st[0] != "Z":
+                out.append(int(entry.name))
+    return out
+
+
+def _record_group(grid: Grid, name: str, pid: int) -> None:
+    st = _proc_stat(pid)
+    if st is not None:
+        path = grid.out_dir / _PIDS / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"{pid} {st[2]}\n")
+
+
+def _forget_group(grid: Grid, name: str) -> None:
+    with suppress(FileNotFoundError):
+        (grid.out_dir / _PIDS / name).unlink()
+
+
+def stop_leftover_groups(grid: Grid, console, timeout_s: float = 60.0) -> list[str]:
+    """Stop the process groups recorded by an earlier run of this grid that died without ending
+    them (TERM: cells checkpoint and exit; KILL after `timeout_s`). Call with the grid lock held,
+    i.e. when no live grid owns them. Returns the names of the groups it stopped."""
+    folder = grid.out_dir / _PIDS
+    if not folder.is_dir() or not Path("/proc").is_dir():
+        return []
+    stopped = []
+    for path in sorted(folder.iterdir()):
+        with suppress(ValueError, OSError):
+            pid, start = (int(x) for x in path.read_text().split())
+            leader = _proc_stat(pid)
+            ours = leader[2] == start if leader is not None else bool(_group_members(pid))
+            if ours and _group_members(pid):
+                console.print(f"stopping {path.name} (process group {pid}), left running by an earlier "
+                              "grid that was killed", highlight=False, markup=False)
+                with suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGTERM)
+                deadline = time.monotonic() + timeout_s
+                while _group_members(pid) and time.monotonic() < deadline:
+                    time.sleep(0.5)
+                if _group_members(pid):
+                    with suppress(ProcessLookupError):
+                        os.killpg(pid, signal.SIGKILL)
+                stopped.append(path.name)
+        path.unlink(missing_ok=True)
+    return stopped
+
+
+@contextmanager
+def grid_lock(grid: Grid):
+    """Hold an exclusive lock on GRID/.lock while the grid runs, so a second `ablate` of the same
+    grid fails fast instead of running its cells twice. The kernel drops a `flock` when its
+    holder dies, SIGKILL included, so a killed grid never leaves a stale lock."""
+    import fcntl
+
+    grid.out_dir.mkdir(parents=True, exist_ok=True)
+    path = grid.out_dir / ".lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by cell processes
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = path.read_text().strip() or "?"
+            raise UserError(f"grid {grid.grid_id} is being run by another `flashctl ablate` (pid {holder}, "
+                            f"lock {path}); wait for it to end") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)
 
 
 def _prepare(client, experiment_id: str, grid: Grid, resume: bool) -> tuple[str, list[CellState]]:
@@ -549,12 +713,14 @@ def _start(state: CellState, grid: Grid, client, uri: str, parallel: int, experi
         log.flush()
         state.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                       stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+    _record_group(grid, state.cell.name, state.proc.pid)
     state.status = "running"
     state.started = time.monotonic()
 
 
-def _finish(state: CellState, client, rc: int) -> None:
+def _finish(state: CellState, grid: Grid, client, rc: int) -> None:
     """Record a finished process: FINISHED on exit 0, FAILED otherwise (never stops the grid)."""
+    _forget_group(grid, state.cell.name)
     state.ended = time.monotonic()
     state.returncode = rc
     state.proc = None
@@ -594,16 +760,131 @@ def _execute(states: list[CellState], grid: Grid, client, uri: str, parallel: in
                     rc = s.proc.poll()
                     if rc is not None:
                         running.remove(s)
-                        _finish(s, client, rc)
+                        _finish(s, grid, client, rc)
                 live.update(status_table(grid, states))
     except BaseException:
         for s in running:
             if s.proc is not None:
                 _kill_group(s.proc)
+                _forget_group(grid, s.cell.name)
             s.status, s.ended, s.proc = "killed", time.monotonic(), None
             with suppress(Exception):  # best effort while interrupted
                 client.set_terminated(s.run_id, status="KILLED")
         raise
+
+
+# --------------------------------------------------------------------------------------------
+# Slurm: the unfinished cells as one job array
+
+
+def _task_log(grid: Grid, job_id: str, task: int, ext: str = "out") -> Path:
+    return grid.out_dir / "logs" / f"{job_id}_{task}.{ext}"  # `%A_%a` of render_array
+
+
+def _submit_array(states: list[CellState], grid: Grid, client, experiment_id: str, parent_id: str,
+                  command_builder: CommandBuilder) -> tuple[str, list[tuple[int, CellState]]]:
+    """Write and submit the array of the pending cells; returns (job id, [(task index, cell)])."""
+    from flashctl.launch import slurm
+
+    todo = [s for s in states if s.status == "pending"]
+    cells = array_cells(grid, [(s.cell, s.run_id) for s in todo], grid.tracking_uri, experiment_id,
+                        command_builder)
+    job = slurm.submit(slurm.write_array(grid.base_spec, cells, grid.out_dir))
+    client.set_tag(parent_id, TAG_ARRAY, job)
+    for i, s in enumerate(todo):
+        attempts = int(client.get_run(s.run_id).data.tags.get(TAG_ATTEMPTS, "0") or 0) + 1
+        client.set_tag(s.run_id, TAG_ATTEMPTS, str(attempts))
+        client.set_tag(s.run_id, TAG_TASK, f"{job}_{i}")
+        client.update_run(s.run_id, status="SCHEDULED")  # the job sets RUNNING when it starts
+        s.status, s.log = "queued", _task_log(grid, job, i)
+    return job, list(enumerate(todo))
+
+
+def _active_array(client, grid: Grid, parent_id: str,
+                  states: list[CellState]) -> tuple[str, list[tuple[int, CellState]]] | None:
+    """The grid's array from an earlier run if Slurm still runs it: (job id, [(task, cell)])."""
+    from flashctl.launch import slurm
+
+    job = client.get_run(parent_id).data.tags.get(TAG_ARRAY)
+    if not job or slurm.job_state(job) in slurm.TERMINAL_STATES | {"UNKNOWN"}:
+        return None
+    tasks = []
+    for s in states:
+        tag = client.get_run(s.run_id).data.tags.get(TAG_TASK, "") if s.status == "pending" else ""
+        if tag.startswith(f"{job}_"):
+            task = int(tag.rsplit("_", 1)[1])
+            s.status, s.log = "queued", _task_log(grid, job, task)
+            tasks.append((task, s))
+    return job, sorted(tasks, key=lambda t: t[0])
+
+
+def _finish_task(state: CellState, task: int, job: str, slurm_state: str, grid: Grid, client) -> None:
+    """A task ended: the child's MLflow status (set by the job) decides finished or failed."""
+    state.ended = time.monotonic()
+    client.set_tag(state.run_id, TAG_SLURM_STATE, slurm_state)
+    if client.get_run(state.run_id).info.status == "FINISHED":
+        state.status = "finished"
+    else:
+        killed = slurm_state in ("CANCELLED", "TIMEOUT", "PREEMPTED", "DEADLINE")
+        state.status = "killed" if killed else "failed"
+        client.set_terminated(state.run_id, status="KILLED" if killed else "FAILED")
+    for ext in ("out", "err"):
+        log = _task_log(grid, job, task, ext)
+        if log.exists():
+            with suppress(Exception):  # the log is a convenience, as for local cells
+                client.log_artifact(state.run_id, str(log), "logs")
+
+
+def _wait_array(job: str, tasks: list[tuple[int, CellState]], grid: Grid, client, console,
+                poll_s: float, lost_after: int = 5) -> None:
+    """Poll the array until every task ended, marking each cell as its task ends. A task Slurm
+    no longer knows (`lost_after` polls in a row without any record) is judged by MLflow alone."""
+    from rich.live import Live
+
+    from flashctl.launch import slurm
+
+    n = max((t for t, _ in tasks), default=-1) + 1
+    waiting = dict(tasks)
+    misses = 0
+    with Live(status_table(grid, [s for _, s in tasks]), console=console, refresh_per_second=2,
+              transient=True) as live:
+        while waiting:
+            states = slurm.array_task_states(job, n)
+            misses = 0 if states else misses + 1
+            for task, s in list(waiting.items()):
+                state = states.get(task, "UNKNOWN") if states else "UNKNOWN"
+                if state in slurm.TERMINAL_STATES or (state == "UNKNOWN" and misses >= lost_after):
+                    del waiting[task]
+                    _finish_task(s, task, job, state, grid, client)
+                elif state == "RUNNING" and s.status != "running":
+                    s.status, s.started = "running", time.monotonic()
+                elif state in ("PENDING", "REQUEUED", "REQUEUE_HOLD") and s.status == "running":
+                    s.status = "queued"  # requeued (time limit, node failure): it resumes later
+            live.update(status_table(grid, [s for _, s in tasks]))
+            if waiting:
+                time.sleep(poll_s)
+
+
+def _execute_array(states: list[CellState], grid: Grid, client, experiment_id: str, parent_id: str,
+                   wait: bool, command_builder: CommandBuilder, console, poll_s: float) -> None:
+    """Run the pending cells as one array and, with `wait`, follow it to the end. The grid's
+    array from an earlier run that Slurm still runs is waited for first (never submitted
+    twice). An interrupted wait leaves the array running."""
+    attached = _active_array(client, grid, parent_id, states)
+    if attached is not None:
+        job, tasks = attached
+        console.print(f"Slurm array {job} of this grid is still active ({len(tasks)} cells in it)"
+                      + (": waiting for it" if wait else ""), highlight=False)
+        if not wait:
+            return
+        _wait_array(job, tasks, grid, client, console, poll_s)
+    if not any(s.status == "pending" for s in states):
+        return
+    job, tasks = _submit_array(states, grid, client, experiment_id, parent_id, command_builder)
+    console.print(f"submitted Slurm array {job}: {len(tasks)} cells, {grid.base_spec.launch.slurm.array_parallel} "
+                  f"at a time ({grid.out_dir}/slurm-array.sbatch, logs in {grid.out_dir}/logs)", highlight=False)
+    if wait:
+        _wait_array(job, tasks, grid, client, console, poll_s)
 
 
 @contextmanager
@@ -650,66 +931,96 @@ def run_grid(
     command_builder: CommandBuilder = cell_command,
     console=None,
     poll_s: float = 0.5,
+    wait: bool = True,
 ) -> GridResult:
     """Run every unfinished cell (up to `parallel` at once) under one MLflow parent run.
 
     Prints a live table of cell states and a summary; returns the result (callers exit
     non-zero when `result.ok` is False). Raises UserError when the grid already exists and
-    `resume` is False. With `parallel > 1` on a SQLite store, cells log through a local
-    `mlflow server` that is stopped before returning.
+    `resume` is False, or while another process runs it. With `parallel > 1` on a SQLite store,
+    cells log through a local `mlflow server` that is stopped before returning. On Slurm
+    (`launch.backend: slurm`) the cells run as one job array; `parallel` is then
+    `launch.slurm.array_parallel`, and `wait=False` returns once the array is submitted.
     """
     from mlflow.tracking import MlflowClient
     from rich.console import Console
 
-    from flashctl.mlflow_server import MlflowServer
-    from flashctl.track import artifact_root, ensure_experiment
+    from flashctl.track import ensure_experiment
 
     if parallel < 1:
         raise UserError(f"--parallel: must be >= 1, got {parallel}")
+    on_slurm = _on_slurm(grid)
+    if on_slurm:
+        _check_array(grid)
     console = console or Console(stderr=True)
     store = grid.tracking_uri
     direct = MlflowClient(tracking_uri=store)
     experiment_id = ensure_experiment(direct, grid.experiment, store)
-    parent_id, states = _prepare(direct, experiment_id, grid, resume)
-    direct.update_run(parent_id, status="RUNNING")
-    todo = sum(1 for s in states if s.status != "skipped")
-    console.print(f"grid {grid.grid_id}: parent run {parent_id}, {todo} of {len(states)} cells to run"
-                  f", {min(parallel, max(todo, 1))} at a time", highlight=False)
-
-    interrupted = True
-    with _signals_interrupt():
-        try:
-            if todo:
-                if _uses_server(store, parallel):
-                    grid.out_dir.mkdir(parents=True, exist_ok=True)
-                    console.print(f"starting an mlflow server in front of {store} (parallel cells, one writer)",
-                                  highlight=False)
-                    # MLflow prints a "View run at http://..." link per terminated run on an http
-                    # store: here it would point at a server that is gone once the grid ends.
-                    with _environ(MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT="true"), \
-                            MlflowServer(store, artifact_root(store), log_path=grid.out_dir / "mlflow-server.log") as server:
-                        console.print(f"mlflow server {server.uri} is up", highlight=False)
-                        client = MlflowClient(tracking_uri=server.uri)
-                        _execute(states, grid, client, server.uri, parallel, experiment_id, command_builder,
-                                 console, poll_s)
-                else:
-                    _execute(states, grid, direct, store, parallel, experiment_id, command_builder,
-                             console, poll_s)
-            interrupted = False
-        finally:
-            result = GridResult(grid, parent_id, experiment_id, states)
-            status = "KILLED" if interrupted else ("FINISHED" if result.ok else "FAILED")
-            with suppress(Exception):  # best effort: the summary below must still print
-                direct.set_terminated(parent_id, status=status)
-            console.print(status_table(grid, states, title=f"grid {grid.grid_id}: parent run {parent_id}"))
+    with grid_lock(grid):
+        stop_leftover_groups(grid, console)
+        parent_id, states = _prepare(direct, experiment_id, grid, resume)
+        direct.update_run(parent_id, status="RUNNING")
+        todo = sum(1 for s in states if s.status != "skipped")
+        at_once = grid.base_spec.launch.slurm.array_parallel if on_slurm else parallel
+        console.print(f"grid {grid.grid_id}: parent run {parent_id}, {todo} of {len(states)} cells to run"
+                      f", {min(at_once, max(todo, 1))} at a time" + (" on Slurm" if on_slurm else ""),
+                      highlight=False)
+        interrupted = True
+        with _signals_interrupt():
+            try:
+                if on_slurm:
+                    _execute_array(states, grid, direct, experiment_id, parent_id, wait, command_builder,
+                                   console, poll_s)
+                elif todo:
+                    _execute_local(states, grid, direct, store, parallel, experiment_id, command_builder,
+                                   console, poll_s)
+                interrupted = False
+            finally:
+                result = GridResult(grid, parent_id, experiment_id, states)
+                if not result.in_flight:  # an array still running keeps its parent RUNNING
+                    status = "KILLED" if interrupted else ("FINISHED" if result.ok else "FAILED")
+                    with suppress(Exception):  # best effort: the summary below must still print
+                        direct.set_terminated(parent_id, status=status)
+                console.print(status_table(grid, states, title=f"grid {grid.grid_id}: parent run {parent_id}"))
+                if result.in_flight:
+                    job = direct.get_run(parent_id).data.tags.get(TAG_ARRAY, "?")
+                    console.print(f"Slurm array {job} keeps running ({len(result.in_flight)} cells): "
+                                  f"`flashctl ablate ... --resume` waits for it and records the results; "
+                                  f"`scancel {job}` stops it", highlight=False, markup=False)
     failed = result.failed
     if failed:
         console.print(f"[red]{len(failed)} of {len(states)} cells failed[/red]; fix and re-run with --resume "
                       f"(finished cells are skipped)", highlight=False)
-    else:
+    elif not result.in_flight:
         console.print(f"[green]all {len(states)} cells finished[/green]; `flashctl report --parent {parent_id}`",
                       highlight=False)
     return result
+
+
+def _execute_local(states: list[CellState], grid: Grid, direct, store: str, parallel: int, experiment_id: str,
+                   command_builder: CommandBuilder, console, poll_s: float) -> None:
+    """Run the cells on this machine, through a local mlflow server when several write SQLite."""
+    from mlflow.tracking import MlflowClient
+
+    from flashctl.mlflow_server import MlflowServer
+    from flashctl.track import artifact_root
+
+    if not _uses_server(store, parallel):
+        _execute(states, grid, direct, store, parallel, experiment_id, command_builder, console, poll_s)
+        return
+    grid.out_dir.mkdir(parents=True, exist_ok=True)
+    console.print(f"starting an mlflow server in front of {store} (parallel cells, one writer)", highlight=False)
+    # MLflow prints a "View run at http://..." link per terminated run on an http store: here
+    # it would point at a server that is gone once the grid ends.
+    with _environ(MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT="true"), \
+            MlflowServer(store, artifact_root(store), log_path=grid.out_dir / "mlflow-server.log") as server:
+        _record_group(grid, "mlflow-server", server.proc.pid)
+        try:
+            console.print(f"mlflow server {server.uri} is up", highlight=False)
+            client = MlflowClient(tracking_uri=server.uri)
+            _execute(states, grid, client, server.uri, parallel, experiment_id, command_builder, console, poll_s)
+        finally:
+            _forget_group(grid, "mlflow-server")
 
 
 def ablate(
@@ -722,10 +1033,14 @@ def ablate(
     dry_run: bool = False,
     command_builder: CommandBuilder = cell_command,
     console=None,
+    wait: bool = True,
 ) -> GridResult | Grid:
-    """The `flashctl ablate` entry: plan the grid, then print it (`dry_run`) or run it."""
+    """The `flashctl ablate` entry: plan the grid, then print it (`dry_run`) or run it.
+
+    `wait=False` (Slurm only) returns once the array is submitted."""
     grid = plan_grid(spec_path, overrides, factors, levels)
     if dry_run:
         print_plan(grid, parallel, command_builder, console)
         return grid
-    return run_grid(grid, parallel=parallel, resume=resume, command_builder=command_builder, console=console)
+    return run_grid(grid, parallel=parallel, resume=resume, command_builder=command_builder, console=console,
+                    wait=wait)

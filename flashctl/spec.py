@@ -174,7 +174,10 @@ class DistillSpec(_Model):
     """The DMD2 objective and optimisation."""
 
     objective: Literal["dmd2", "dmd", "decoupled-dmd"] = "dmd2"
-    """Distillation objective (held fixed in the paper's study)."""
+    """Distillation objective (held fixed in the paper's study): `dmd2` (K critic updates per
+    generator update), `dmd` (one critic update per generator update, no two-time-scale rule),
+    `decoupled-dmd` (CFG-augmentation and distribution-matching terms at separate re-noise
+    levels)."""
     student_steps: int = Field(4, ge=1)
     """Student sampling steps (NFE)."""
     shift: float = Field(3.0, gt=0.0)
@@ -201,8 +204,6 @@ class DistillSpec(_Model):
     """Metric logging interval in generator steps."""
     sample_every: int = Field(100, ge=0)
     """Interval of sample grids logged to MLflow (0 = off)."""
-    gan_weight: float = Field(0.0, ge=0.0)
-    """Weight of the GAN head on critic features (0 = off)."""
     seed: int = 0
     """Training seed."""
 
@@ -228,6 +229,10 @@ class TeacherTrainSpec(_Model):
     """Optimizer steps of the transformer."""
     vae_steps: int = Field(1500, ge=0)
     """Reconstruction steps of the VAE when building from scratch (0 = keep random VAE)."""
+    vae_lr: float = Field(5e-4, gt=0.0)
+    """VAE learning rate."""
+    vae_batch_size: int = Field(8, ge=1)
+    """VAE batch size."""
     lr: float = Field(1e-3, gt=0.0)
     """Learning rate."""
     batch_size: int = Field(32, ge=1)

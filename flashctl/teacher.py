@@ -19,6 +19,7 @@ import torch
 
 from flashctl.errors import UserError
 from flashctl.io import atomic_write_json, atomic_write_text
+from flashctl.progress import StepProgress
 from flashctl.spec import ExperimentSpec
 
 EMA_DECAY = 0.999
@@ -33,22 +34,29 @@ def logit_normal_sigmas(gen: torch.Generator, n: int) -> torch.Tensor:
     return torch.sigmoid(torch.randn(n, generator=gen))
 
 
-def _images_for_vae(root: Path, data, limit: int = 4096) -> list[torch.Tensor]:
-    """Image batches (one size each) from the shards for VAE training: targets and sources."""
+def _images_for_vae(root: Path, data, limit: int = 4096, crop: int = 32) -> torch.Tensor:
+    """Up to `limit` images (targets and edit sources) from the shards as one (N, 3, crop, crop)
+    tensor of random crops: the VAE is fully convolutional, so square crops of every aspect
+    teach it all sizes, and one tensor lets `train_vae` draw small random batches."""
     from flashctl.data.loader import ShardLoader
 
     loader = ShardLoader(root, batch_size=32, categories=dict(data.categories), aspects=dict(data.aspects), seed=7)
-    out, n = [], 0
+    gen = torch.Generator().manual_seed(7)
+    crops, n = [], 0
     for batch in loader:
-        keep = batch["has_image"]
-        if keep.any():
-            out.append(batch["images"][keep])
+        parts = [batch["images"][batch["has_image"]]]
         if "source_images" in batch:
-            out.append(batch["source_images"][batch["has_source"]])
+            parts.append(batch["source_images"][batch["has_source"]])
+        for x in parts:
+            h, w = x.shape[-2:]
+            for img in x:
+                top = int(torch.randint(0, h - crop + 1, (1,), generator=gen))
+                left = int(torch.randint(0, w - crop + 1, (1,), generator=gen))
+                crops.append(img[:, top:top + crop, left:left + crop])
         n += len(batch["ids"])
         if n >= limit:
             break
-    return [b for b in out if len(b)]
+    return torch.stack(crops)
 
 
 def build_components(spec: ExperimentSpec, ckpt: Path, console) -> dict[str, Any]:
@@ -66,26 +74,15 @@ def build_components(spec: ExperimentSpec, ckpt: Path, console) -> dict[str, Any
     comps = build_tiny_pipeline(spec.model.tiny, corpus(seed=tt.seed), seed=tt.seed)
     if tt.vae_steps:
         images = _images_for_vae(spec.data.root, spec.data)
-        with _progress(console) as prog:
-            task = prog.add_task("vae", total=tt.vae_steps, info="")
+        with StepProgress("vae", tt.vae_steps, console) as prog:
             metrics = train_vae(
-                comps["vae"], images, steps=tt.vae_steps, lr=1e-3, seed=tt.seed, batch_size=16,
-                progress=lambda s, m: prog.update(task, completed=s + 1, info=f"l1 {m['l1']:.4f}"),
+                comps["vae"], images, steps=tt.vae_steps, lr=tt.vae_lr, seed=tt.seed, batch_size=tt.vae_batch_size,
+                progress=lambda s, m: prog.update(s + 1, f"l1 {m['l1']:.4f}"),
             )
         console.print(f"vae: l1 {metrics['l1_first']:.3f} -> {metrics['l1_last']:.3f} in {metrics['seconds']:.0f}s")
         set_latent_stats(comps["vae"], images)
     save_components(comps, folder)
     return comps
-
-
-def _progress(console):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-        console=console, transient=False,
-    )
 
 
 def _latest(ckpt: Path) -> Path | None:
@@ -140,11 +137,10 @@ def train_teacher(spec: ExperimentSpec, console=None, resume: bool = True) -> di
     if not tasks:
         raise UserError("train_teacher.t2i / train_teacher.edit: at least one must be > 0")
     t0 = time.perf_counter()
-    with _progress(console) as prog:
-        task = prog.add_task("encode", total=None, info="")
+    with StepProgress("encode", None, console) as prog:
         buckets = encode_dataset(
             adapter, spec.data.root, categories=dict(spec.data.categories), aspects=dict(spec.data.aspects),
-            tasks=tasks, progress=lambda i, n: prog.update(task, completed=i, total=n),
+            tasks=tasks, progress=lambda i, n: prog.update(i, "batches", total=n),
         )
     if not buckets:
         raise UserError(f"{spec.data.root}: no rows with target images for tasks {tasks}")
@@ -178,8 +174,7 @@ def train_teacher(spec: ExperimentSpec, console=None, resume: bool = True) -> di
     warmup = min(100, tt.steps // 10)
     running = None
     losses: list[float] = []
-    with _progress(console) as prog:
-        bar = prog.add_task("teacher", total=tt.steps, completed=start, info="")
+    with StepProgress("teacher", tt.steps, console, completed=start) as prog:
         for step in range(start, tt.steps):
             for g in opt.param_groups:
                 g["lr"] = tt.lr * min(1.0, (step + 1) / max(1, warmup))
@@ -205,7 +200,7 @@ def train_teacher(spec: ExperimentSpec, console=None, resume: bool = True) -> di
             lv = loss.item()
             losses.append(lv)
             running = lv if running is None else 0.98 * running + 0.02 * lv
-            prog.update(bar, completed=step + 1, info=f"loss {running:.4f}")
+            prog.update(step + 1, f"loss {running:.4f}")
             if (step + 1) % 10 == 0:
                 tracker.log_metrics({"train/loss": running, "train/grad_norm": float(gnorm),
                                      "train/lr": opt.param_groups[0]["lr"]}, step + 1)

@@ -240,7 +240,7 @@ def test_vae_training_lowers_reconstruction_error_and_sets_stats():
     data = images_to_tensor([shape_image(16, 16, rng) for _ in range(4)])
     before = reconstruction_l1(vae, data)
     seen = []
-    metrics = train_vae(vae, [data], steps=20, lr=1e-3, seed=0, progress=lambda s, m: seen.append(s))
+    metrics = train_vae(vae, [data], steps=20, lr=3e-4, seed=0, warmup_steps=5, progress=lambda s, m: seen.append(s))
     after = reconstruction_l1(vae, data)
     assert after < 0.8 * before, (before, after)
     assert seen[0] == 0 and seen[-1] == 19 and metrics["steps"] == 20

@@ -138,14 +138,15 @@ class DistillJob:
         p_edit = self.spec.mixture.edit_probability
         S = d.student_steps
         critic_losses = []
-        for micro in range(d.critic_updates + 1):
+        updates = 1 if d.objective == "dmd" else d.critic_updates  # DMD: no two-time-scale rule
+        for micro in range(updates + 1):
             shared = dmd2.step_generator(d.seed, step, micro)  # same on every rank
             local = dmd2.step_generator(d.seed + 7919 * (self.rank + 1), step, micro)
             task = task_for_step(step, micro, d.seed, p_edit)
             k = sample_student_step(shared, S)
             cond = self.conditioning(task)
             noise = torch.randn((cond.batch, *cond.latent_shape), generator=local).to(self.device)
-            if micro < d.critic_updates:
+            if micro < updates:
                 x = dmd2.simulate_student(self.student, cond, self.sigmas, k, noise, with_grad=False)
                 loss = dmd2.critic_loss(self.critic, cond, x, local)
                 self.critic.backward(loss)
@@ -269,7 +270,7 @@ def run(run_dir: Path) -> int:
     for step in range(start, spec.distill.steps):
         metrics = job.round(step)
         steps_done += 1
-        samples += spec.distill.batch_size * (spec.distill.critic_updates + 1) * info.world_size
+        samples += spec.distill.batch_size * info.world_size  # generator samples
         metrics["train/samples_per_s"] = samples / max(time.perf_counter() - t0, 1e-9)
         last = metrics
         progress.update(step + 1, metrics)
@@ -372,29 +373,21 @@ def _flat_params(spec) -> dict[str, Any]:
 
 
 class _Progress:
-    """Rich progress on rank 0: step, losses, it/s, ETA."""
+    """Progress on rank 0 (step, losses, it/s, ETA); nothing on other ranks."""
 
     def __init__(self, enabled: bool, total: int, start: int):
-        self.enabled = enabled
-        if enabled:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from flashctl.progress import StepProgress
 
-            self.p = Progress(TextColumn("[bold]distill"), BarColumn(), MofNCompleteColumn(),
-                              TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=Console(stderr=True))
-            self.task = self.p.add_task("distill", total=total, completed=start, info="")
-            self.p.start()
-            self.t0, self.start = time.perf_counter(), start
+        self.bar = StepProgress("distill", total, completed=start).__enter__() if enabled else None
 
     def update(self, step: int, m: dict[str, float]) -> None:
-        if self.enabled:
-            rate = (step - self.start) / max(time.perf_counter() - self.t0, 1e-9)
-            info = (f"G {m['train/loss_generator']:.4f}  C {m['train/loss_critic']:.4f}  {rate:.2f} it/s")
-            self.p.update(self.task, completed=step, info=info)
+        if self.bar is not None:
+            self.bar.update(step, f"G {m['train/loss_generator']:.4f}  C {m['train/loss_critic']:.4f}  "
+                                  f"{self.bar.rate():.2f} it/s")
 
     def close(self) -> None:
-        if self.enabled:
-            self.p.stop()
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
 
 
 def main(argv: list[str] | None = None) -> int:

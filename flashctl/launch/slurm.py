@@ -380,3 +380,15 @@ def wait_for(job_id: str, timeout_s: float, poll_s: float = 2.0) -> str:
         time.sleep(poll_s)
         state = job_state(job_id)
     return state
+
+
+def array_task_states(job_id: str, n_tasks: int) -> dict[int, str]:
+    """State of tasks 0..n_tasks-1 of array `job_id` ({} when Slurm has no record of the job).
+
+    While tasks wait, Slurm lists them as one pending range (`123_[2-4%2]`) or not at all: a task
+    without a record of its own is PENDING as long as Slurm still knows the array.
+    """
+    states = job_states(job_id)
+    if not states:
+        return {}
+    return {i: states.get(f"{job_id}_{i}", "PENDING") for i in range(n_tasks)}

@@ -88,6 +88,8 @@ def cap_edit_pipeline(pipe: Any, max_pixels: int) -> Any:
 def _load_components(path: str, dtype: torch.dtype) -> dict[str, Any]:
     from diffusers import DiffusionPipeline
 
+    import flashctl.models.processor  # noqa: F401  (diffusers' loader finds the tiny processor class)
+
     local = Path(path)
     if local.exists() or path.startswith((".", "/", "~")):
         if not (local.expanduser() / "model_index.json").is_file():
@@ -291,7 +293,7 @@ class QwenImageAdapter:
         """Packed normalised latents -> PIL images (the pipelines' decode path)."""
         latents = self.unpack(packed, height, width).to(self.vae.dtype)
         mean, std = self._latent_stats(latents)
-        image = self.vae.decode(latents * std + mean, return_dict=False)[0][:, :, 0]
+        image = self.vae.decode(latents / (1.0 / std) + mean, return_dict=False)[0][:, :, 0]  # pipelines' order
         return self.t2i_pipe.image_processor.postprocess(image, output_type="pil")
 
     # ------------------------------------------------------------------------------- denoiser
