@@ -29,8 +29,10 @@ Writes bench/results/distill_step.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -70,7 +72,10 @@ def build_world(root: Path, teacher: str | None, size: int) -> tuple[Path, Path]
     from flashctl.shapes import corpus
 
     tiny = load_spec(REPO / "experiments" / "teacher-base.yaml").model.tiny
+    from transformers.utils import logging as transformers_logging
+
     diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
     comps = build_tiny_pipeline(tiny, corpus(n=200, seed=0), seed=0)
     return data.root, QwenImageAdapter(comps).save_pipeline(root / "teacher")
 
@@ -84,12 +89,26 @@ def k_schedule(seed: int, steps: int, critic_updates: int, student_steps: int) -
             for s in range(steps)]
 
 
-def _run(cmd: list[str], env: dict[str, str], log: Path, what: str) -> None:
+def _run(cmd: list[str], env: dict[str, str], log: Path, what: str, timeout: float) -> None:
+    """Run `cmd` in its own process group (torchrun + its ranks), killing the group on timeout / Ctrl-C."""
     with open(log, "wb") as fh:
-        rc = subprocess.run(cmd, env=env, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT).returncode
+        proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except BaseException as exc:  # timeout or KeyboardInterrupt: no orphaned ranks
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, sig)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=10)
+                    break
+            if not isinstance(exc, subprocess.TimeoutExpired):
+                raise
+            rc = None
     if rc != 0:
         tail = log.read_text(errors="replace")[-4000:]
-        raise SystemExit(f"{what} failed (exit {rc}); log {log}:\n{tail}")
+        why = f"timed out after {timeout:.0f}s (see --timeout)" if rc is None else f"failed (exit {rc})"
+        raise SystemExit(f"{what} {why}; log {log}:\n{tail}")
 
 
 def run_flashctl(world: int, cfg: dict[str, Any], tmp: Path, tag: str, extra: tuple[str, ...] = ()) -> list[dict[str, Any]]:
@@ -106,7 +125,7 @@ def run_flashctl(world: int, cfg: dict[str, Any], tmp: Path, tag: str, extra: tu
     base = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         base.pop(k, None)
-    _run(cmd, env_for(spec, base), tmp / f"{tag}.log", f"{tag} ({world} rank(s))")
+    _run(cmd, env_for(spec, base), tmp / f"{tag}.log", f"{tag} ({world} rank(s))", cfg["timeout_s"])
     return [json.loads((tmp / "out" / f"{tag}-r{r}.json").read_text()) for r in range(world)]
 
 
@@ -115,7 +134,7 @@ def run_minimal(cfg: dict[str, Any], tmp: Path) -> dict[str, Any]:
     conf.write_text(json.dumps(cfg))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false")
     cmd = [sys.executable, "-m", WORKER, "minimal", "--config", str(conf), "--out", str(tmp / "out")]
-    _run(cmd, env, tmp / "minimal.log", "minimal loop")
+    _run(cmd, env, tmp / "minimal.log", "minimal loop", cfg["timeout_s"])
     return json.loads((tmp / "out" / "minimal.json").read_text())
 
 
@@ -138,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=4, help="per-rank batch")
     parser.add_argument("--critic-updates", type=int, default=5, help="K critic updates per generator update")
     parser.add_argument("--size", type=int, default=32, help="square image side in pixels (multiple of 8)")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds allowed per timed configuration")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
@@ -168,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             "data": str(data_root), "batch_size": d.batch_size, "critic_updates": d.critic_updates,
             "student_steps": d.student_steps, "shift": d.shift, "cfg_scale": spec.teachers["base"].cfg_scale,
             "tau_min": d.tau_min, "tau_max": d.tau_max, "lr_generator": d.lr_generator, "lr_critic": d.lr_critic,
-            "ks": k_schedule(d.seed, steps, d.critic_updates, d.student_steps),
+            "ks": k_schedule(d.seed, steps, d.critic_updates, d.student_steps), "timeout_s": args.timeout,
         }
         results: dict[str, Any] = {}
         for name, fn in (("minimal", lambda: run_minimal(cfg, tmp)),

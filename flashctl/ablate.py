@@ -381,12 +381,11 @@ def print_plan(grid: Grid, parallel: int = 1, command_builder: CommandBuilder = 
 
         cells = array_cells(grid, [(c, f"<child run of {c.key}>") for c in grid.cells], uri,
                             "<experiment id>", command_builder)
-        console.print(f"# {grid.out_dir / slurm.ARRAY_SCRIPT} (one Slurm array task per cell):",
-                      highlight=False, markup=False)
-        console.print(slurm.render_array(grid.base_spec, cells, grid.out_dir), highlight=False, markup=False,
-                      soft_wrap=True)
-        console.print(f"# {grid.out_dir / slurm.CELLS_FILE}:", highlight=False, markup=False)
-        console.print(slurm.cells_file_text(cells), end="", highlight=False, markup=False, soft_wrap=True)
+        # Written as is, not through rich, which would expand the cells file's tabs.
+        console.file.write(f"# {grid.out_dir / slurm.ARRAY_SCRIPT} (one Slurm array task per cell):\n"
+                           + slurm.render_array(grid.base_spec, cells, grid.out_dir) + "\n"
+                           + f"# {grid.out_dir / slurm.CELLS_FILE}:\n" + slurm.cells_file_text(cells))
+        console.file.flush()
         return
     for cell in grid.cells:
         argv = command_builder(grid, cell, execution_overrides(grid, cell, uri, parallel))

@@ -204,7 +204,7 @@ def train_teacher_cmd(
 def evaluate(
     model: str = typer.Argument(..., help="Pipeline folder, builtin:NAME, or a spec (its base teacher)."),
     overrides: Optional[list[str]] = typer.Argument(None, help="Dotted overrides of the spec.", metavar="[KEY=VALUE]..."),
-    nfe: int = typer.Option(4, min=1, help="Sampling steps (network evaluations without CFG)."),
+    nfe: int = typer.Option(4, "--nfe", "--steps", min=1, help="Sampling steps (= NFE without CFG; CFG doubles it)."),
     cfg: float = typer.Option(1.0, min=1.0, help="CFG scale (1 = off; >1 doubles the NFE)."),
     spec_path: Optional[Path] = typer.Option(None, "--spec", help="Spec giving the eval set (default: embedded)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default: runs/eval/<name>-nfe<N>)."),

@@ -19,11 +19,16 @@ from flashctl.spec import ExperimentSpec
 
 @dataclass
 class ModelUnderTest:
-    """One configuration to evaluate: a name, NFE and CFG scale."""
+    """One configuration to evaluate: a name, sampling steps and CFG scale."""
 
     name: str
-    nfe: int
+    steps: int
     cfg: float
+
+    @property
+    def nfe(self) -> int:
+        """Network evaluations per image: CFG runs the network twice per step."""
+        return self.steps * (2 if self.cfg > 1 else 1)
 
 
 def eval_rows(spec: ExperimentSpec) -> list[dict[str, Any]]:
@@ -115,7 +120,7 @@ def evaluate_models(
             if progress:
                 progress(name, done, len(rows))
 
-        images, seconds = sample_rows(adapter, transformer, rows, cfg.nfe, cfg.cfg, seed, on_batch=tick)
+        images, seconds = sample_rows(adapter, transformer, rows, cfg.steps, cfg.cfg, seed, on_batch=tick)
         summary, per_row = score_images(rows, images)
         t2i_rows = [r for r in per_row if r["task"] == "t2i"]
         summary["by_category_t2i"] = score(t2i_rows)["by_category"] if t2i_rows else {}
@@ -124,7 +129,7 @@ def evaluate_models(
         for rid, im in images.items():
             im.save(img_dir / f"{rid}.png")
         sec = seconds / max(1, len(rows))
-        summary.update(nfe=cfg.nfe, cfg=cfg.cfg, sec_per_image=sec, per_row=per_row)
+        summary.update(steps=cfg.steps, nfe=cfg.nfe, cfg=cfg.cfg, sec_per_image=sec, per_row=per_row)
         results["models"][name] = summary
         results["metrics"].update(flat_metrics(name, summary, cfg.nfe, sec))
     m = results["metrics"]
@@ -139,10 +144,12 @@ def evaluate_models(
 
 
 def default_models(spec: ExperimentSpec) -> dict[str, ModelUnderTest]:
-    """student @ student_nfe (no CFG), teacher @ teacher_nfe + CFG, teacher @ student_nfe + CFG."""
+    """student: `student_nfe` steps, no CFG; teacher: `teacher_nfe` steps with `teacher_cfg`
+    (2 x teacher_nfe network evaluations); teacher_fast: the teacher at the student's budget of
+    network evaluations, `student_nfe` steps without CFG (CFG would halve the steps)."""
     e = spec.eval
     return {
         "student": ModelUnderTest("student", e.student_nfe, 1.0),
         "teacher": ModelUnderTest("teacher", e.teacher_nfe, e.teacher_cfg),
-        "teacher_fast": ModelUnderTest("teacher_fast", e.student_nfe, e.teacher_cfg),
+        "teacher_fast": ModelUnderTest("teacher_fast", e.student_nfe, 1.0),
     }

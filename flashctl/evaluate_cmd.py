@@ -19,16 +19,17 @@ def run_evaluate(spec: ExperimentSpec, model: str, nfe: int, cfg: float, out_dir
 
     path = resolve_model_path(model)
     name = Path(path).name if Path(path).exists() else model.replace("/", "_")
-    out_dir = out_dir or Path("runs") / "eval" / f"{name}-nfe{nfe}-cfg{cfg:g}"
+    out_dir = out_dir or Path("runs") / "eval" / f"{name}-steps{nfe}-cfg{cfg:g}"
     adapter = QwenImageAdapter.from_pretrained(path, edit_max_pixels=spec.model.edit_max_pixels)
     rows = eval_rows(spec)
+    mut = ModelUnderTest("model", nfe, cfg)
     with Progress(console=console, transient=True) as prog:
         bar = prog.add_task(f"sampling {name} @ {nfe} NFE", total=len(rows))
-        res = evaluate_models(adapter, {"model": (adapter.transformer, ModelUnderTest("model", nfe, cfg))},
+        res = evaluate_models(adapter, {"model": (adapter.transformer, mut)},
                               rows, out_dir, spec.eval.seed,
                               progress=lambda _n, done, total: prog.update(bar, completed=done))
     summary = res["models"]["model"]
-    table = Table(title=f"{model} @ {nfe} steps, CFG {cfg:g}: verifier accuracy ({len(rows)} eval rows)")
+    table = Table(title=f"{model} @ {nfe} steps, CFG {cfg:g} ({mut.nfe} NFE): verifier accuracy ({len(rows)} eval rows)")
     table.add_column("group")
     table.add_column("n", justify="right")
     table.add_column("accuracy", justify="right")

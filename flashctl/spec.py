@@ -327,9 +327,10 @@ class EvalSpec(_Model):
     seed: int = 1234
     """Seed of the eval set and of sampling noise."""
     student_nfe: int = Field(4, ge=1)
-    """Student sampling steps."""
+    """Student sampling steps (= network evaluations: the student runs without CFG); the teacher
+    is also evaluated at this budget (`teacher_fast`: the same steps, no CFG)."""
     teacher_nfe: int = Field(40, ge=1)
-    """Teacher sampling steps."""
+    """Teacher sampling steps (with CFG each step costs two network evaluations)."""
     teacher_cfg: float = Field(4.0, ge=1.0)
     """Teacher CFG scale at evaluation."""
     enabled: bool = True

@@ -210,6 +210,8 @@ def train_teacher(spec: ExperimentSpec, console=None, resume: bool = True) -> di
         _save_state(ckpt, tt.steps, model, ema, opt, gen)
     ema.module.eval().requires_grad_(False)
     out = adapter.save_pipeline(tt.output, transformer=ema.module)
+    if tt.init_from:
+        link_unchanged_components(out, Path(resolve_model_path(tt.init_from)))
     first = sum(losses[:50]) / max(1, len(losses[:50])) if losses else math.nan
     last = sum(losses[-50:]) / max(1, len(losses[-50:])) if losses else math.nan
     summary = {"output": str(out), "steps": tt.steps, "resumed_from": start, "loss_first50": first,
@@ -218,6 +220,43 @@ def train_teacher(spec: ExperimentSpec, console=None, resume: bool = True) -> di
     tracker.log_metrics({"train/loss_first50": first, "train/loss_last50": last}, tt.steps)
     tracker.finish()
     return summary
+
+
+def link_unchanged_components(folder: Path, base: Path) -> list[str]:
+    """Replace component subfolders of `folder` that are byte-identical to `base`'s by relative
+    symlinks (a fine-tuned teacher shares the VAE, text encoder and tokenizer of its base: the
+    shipped teachers stay small in git). diffusers loads through the links. Returns the names."""
+    import os
+    import shutil
+
+    if not base.is_dir() or base.resolve() == folder.resolve():
+        return []
+    linked = []
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.is_symlink()):
+        other = base / sub.name
+        if not other.is_dir():
+            continue
+        names = sorted(x.name for x in sub.iterdir())
+        if names != sorted(x.name for x in other.iterdir()):
+            continue
+        if all(_same_file(sub / n, other / n) for n in names):
+            shutil.rmtree(sub)
+            os.symlink(os.path.relpath(other.resolve(), folder.resolve()), sub)
+            linked.append(sub.name)
+    return linked
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Byte-identical, or for JSON equal once the loaders' source-path entries are ignored."""
+    import filecmp
+
+    if a.suffix == ".json":
+        def load(p: Path):
+            d = json.loads(p.read_text())
+            return {k: v for k, v in d.items() if k not in ("_name_or_path", "name_or_path")} if isinstance(d, dict) else d
+
+        return load(a) == load(b)
+    return filecmp.cmp(a, b, shallow=False)
 
 
 def _drop_condition(b, drop: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -60,7 +60,7 @@ def test_evaluate_writes_images_results_and_a_table(tiny_world, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     model = results["models"]["model"]
-    assert results["rows"] == 8 and model["nfe"] == 2 and model["cfg"] == 2.0
+    assert results["rows"] == 8 and model["steps"] == 2 and model["nfe"] == 4 and model["cfg"] == 2.0
     assert set(model["by_task"]) == {"t2i", "edit"}
     assert 0.0 <= model["by_task"]["t2i"]["accuracy"] <= 1.0
     assert len(list((out / "images" / "model").glob("*.png"))) == 8

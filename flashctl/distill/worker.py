@@ -72,7 +72,7 @@ class DistillJob:
         critic = copy.deepcopy(raw[g.base])
         for m in (student, critic):
             m.train().requires_grad_(True)
-        self.student_template = copy.deepcopy(student).eval().requires_grad_(False)
+        self.student_config = dict(student.config)
         self.student = make_engine(student, ds_config(spec, spec.distill.lr_generator, self.world, export=True))
         self.critic = make_engine(critic, ds_config(spec, spec.distill.lr_critic, self.world))
         self.sigmas = student_sigmas(spec.distill.student_steps, spec.distill.shift).to(self.device)
@@ -209,7 +209,9 @@ class DistillJob:
         if self.rank != 0:
             barrier()
             return None
-        model = self.student_template
+        from diffusers import QwenImageTransformer2DModel
+
+        model = QwenImageTransformer2DModel.from_config(self.student_config).eval().requires_grad_(False)
         model.load_state_dict({k: v.float() for k, v in state.items()})
         out = self.run_dir / "student"
         self.adapter.scheduler = _student_scheduler(self.adapter.scheduler, self.spec.distill.shift)
@@ -309,7 +311,7 @@ def _evaluate(job: DistillJob, student, tracker) -> dict[str, float]:
     from flashctl.evaluate import default_models, eval_rows, evaluate_models
 
     spec = job.spec
-    teacher = job.teachers[spec.guidance.base].model
+    teacher = job.adapter.transformer  # the base teacher, unpartitioned (rank 0 samples alone)
     models = default_models(spec)
     chosen = {"student": (student, models["student"]), "teacher": (teacher, models["teacher"]),
               "teacher_fast": (teacher, models["teacher_fast"])}

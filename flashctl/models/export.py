@@ -31,6 +31,8 @@ def save_components(components: dict[str, Any], out_dir: str | Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        _drop_source_paths(tmp)
+        tmp.chmod(0o755)  # mkdtemp makes 0700; a pipeline folder is readable like any output
         old = None
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
@@ -42,3 +44,17 @@ def save_components(components: dict[str, Any], out_dir: str | Path) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _drop_source_paths(folder: Path) -> None:
+    """Remove the `_name_or_path` / `name_or_path` entries diffusers and transformers write into
+    configs of models loaded from a folder: they leak local paths into exported pipelines and
+    make identical components differ byte-wise."""
+    import json
+
+    for path in folder.rglob("*.json"):
+        data = json.loads(path.read_text())
+        if isinstance(data, dict) and ({"_name_or_path", "name_or_path"} & data.keys()):
+            data.pop("_name_or_path", None)
+            data.pop("name_or_path", None)
+            path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

@@ -18,6 +18,7 @@ drop prompt tokens.
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -41,6 +42,7 @@ SPECIAL_TOKENS = [
 _SEED_OFFSETS = {"text_encoder": 1, "vae": 2, "transformer": 3}
 
 
+@functools.lru_cache(maxsize=1)
 def pipeline_templates() -> dict[str, tuple[str, int]]:
     """The pipelines' own prompt templates and drop indices: {"t2i": (template, drop), "edit": ...}.
 
