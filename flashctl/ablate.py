@@ -952,6 +952,10 @@ def run_grid(
     if on_slurm:
         _check_array(grid)
     console = console or Console(stderr=True)
+    if on_slurm and parallel > 1:
+        console.print(f"--parallel {parallel} does not apply on Slurm: launch.slurm.array_parallel "
+                      f"({grid.base_spec.launch.slurm.array_parallel}) sets how many array tasks run at once",
+                      highlight=False, markup=False)
     store = grid.tracking_uri
     direct = MlflowClient(tracking_uri=store)
     experiment_id = ensure_experiment(direct, grid.experiment, store)

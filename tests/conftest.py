@@ -25,8 +25,12 @@ def workdir(tmp_path, monkeypatch) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _threads(monkeypatch):
+def _isolated_env(monkeypatch):
+    """One thread per process, and no MLflow target leaking between tests: MLflow's
+    `set_tracking_uri` exports MLFLOW_TRACKING_URI, which CLI subprocesses would inherit."""
     monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(key, raising=False)
 
 
 def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 900):

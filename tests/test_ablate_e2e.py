@@ -27,6 +27,18 @@ WIDE = {"COLUMNS": "250"}  # rich wraps at 80 columns without a terminal
 TRAIN_KEYS = ("train/loss_generator", "train/loss_critic", "train/grad_norm_generator", "train/samples_per_s")
 
 
+@pytest.fixture(autouse=True)
+def _no_leaked_tracking_uri():
+    """`mlflow.set_tracking_uri` also exports MLFLOW_TRACKING_URI (for subprocesses), and that
+    variable wins over a spec's `tracking.uri` in flashctl jobs: keep one test's store from
+    leaking into the next test's CLI runs."""
+    saved = os.environ.pop("MLFLOW_TRACKING_URI", None)
+    yield
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    if saved is not None:
+        os.environ["MLFLOW_TRACKING_URI"] = saved
+
+
 def _args(tiny_world, tmp_path: Path, *extra: str) -> tuple[list[str], str]:
     """tiny_world's short-run overrides with this test's own store and output folder."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -70,7 +82,8 @@ def test_parallel_grid_of_real_jobs_then_report(tiny_world, tmp_path):
     """Three cells at once against one SQLite store (through the grid's mlflow server): one parent,
     three FINISHED children, no metric point lost, no "database is locked"; then `report`."""
     args, uri = _args(tiny_world, tmp_path)
-    res = run_cli(["ablate", SPEC, *args, "--factor", "task-mixture", "--parallel", "3"], cwd=tmp_path, env=WIDE)
+    res = run_cli(["ablate", SPEC, *args, "--factor", "task-mixture", "--parallel", "3"], cwd=tmp_path, env=WIDE,
+                  timeout=1800)
     logs = "".join(p.read_text(errors="replace") for p in (tmp_path / "runs").glob("ablate-*/**/*.log"))
     assert res.returncode == 0, res.stderr[-4000:] + logs[-4000:]
     assert "3 of 3 cells to run, 3 at a time" in res.stderr
@@ -159,9 +172,11 @@ def test_killed_grid_resumes_only_the_unfinished_cells(tiny_world, tmp_path):
     assert before["9:1"]["status"] == "FINISHED" and before["7:3"]["status"] == "RUNNING"
     assert before["5:5"]["tags.flashctl.attempts"] == "0"
 
-    res = run_cli(["ablate", SPEC, *args, "--factor", "task-mixture", "--resume"], cwd=tmp_path, env=WIDE)
+    res = run_cli(["ablate", SPEC, *args, "--factor", "task-mixture", "--resume"], cwd=tmp_path, env=WIDE,
+                  timeout=1800)
     assert res.returncode == 0, res.stderr[-4000:]
     assert "2 of 3 cells to run" in res.stderr
+    assert "stopping tiny-cpu-task-mixture-7-3 (process group" in res.stderr  # the orphan of the killed grid
     parent, after = _grid_runs(uri)  # still one parent
     assert parent["status"] == "FINISHED"
     _check_children(parent, after, args)

@@ -10,7 +10,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from flashctl.errors import UserError
-from flashctl.models import flow
+from flashctl.distill import objectives as flow
 from flashctl.models.adapter import QwenImageAdapter, cap_edit_pipeline, cat_conditioning, reference_size
 from flashctl.models.tiny import build_tiny_pipeline, build_tokenizer, build_vae, template_prefix_lengths
 from flashctl.models.vae_train import images_to_tensor, reconstruction_l1, set_latent_stats, train_vae
@@ -225,8 +225,8 @@ def test_flow_identities():
     sigma = torch.tensor([0.1, 0.5, 0.9])
     x_t = flow.add_noise(x0, eps, sigma)
     v = flow.velocity_target(x0, eps)
-    assert torch.allclose(flow.x0_from_velocity(x_t, v, sigma), x0, atol=1e-6)
-    assert torch.allclose(flow.eps_from_velocity(x_t, v, sigma), eps, atol=1e-6)
+    assert torch.allclose(flow.x0_from_velocity(x_t, sigma, v), x0, atol=1e-6)
+    assert torch.allclose(flow.eps_from_velocity(x_t, sigma, v), eps, atol=1e-6)
     cond, uncond = torch.randn(2, 5, 4, generator=g), torch.randn(2, 5, 4, generator=g)
     assert torch.allclose(flow.cfg_combine(cond, uncond, 1.0), cond, atol=1e-6)
     full = flow.cfg_combine(cond, uncond, 4.0, rescale=1.0)

@@ -128,7 +128,7 @@ def test_teachers_used_follow_policy_and_mixture():
 
 def test_local_pipeline_folder_is_read_and_unknown_paths_are_user_errors(tmp_path):
     spec = load_spec(TINY)
-    cfg = dict(tiny_configs(spec.model.tiny)["transformer"], num_layers=3)
+    cfg = dict(tiny_configs(spec.model.tiny)["transformer"], num_layers=spec.model.tiny.num_layers + 1)
     folder = tmp_path / "teacher"
     (folder / "transformer").mkdir(parents=True)
     (folder / "transformer" / "config.json").write_text(json.dumps(cfg))

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from flashctl.errors import UserError
-from flashctl.models import flow
+from flashctl.distill import objectives as flow  # the one home of the flow-matching maths
 
 _FULL_AREA = 1024 * 1024  # the edit pipelines' hard-coded reference area
 
