@@ -111,7 +111,7 @@ def run_minimal(cfg: dict[str, Any], out: Path) -> None:
     vae_cfg = json.loads((teacher_dir / "vae" / "config.json").read_text())
     f = 2 ** len(vae_cfg["temperal_downsample"]) * 2  # VAE factor x 2x2 patch
 
-    adam = dict(lr=cfg["lr_critic"], betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    adam = {"lr": cfg["lr_critic"], "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01}
     opt_c = torch.optim.AdamW(critic.parameters(), **adam)
     opt_g = torch.optim.AdamW(student.parameters(), **{**adam, "lr": cfg["lr_generator"]})
     setup_s = time.perf_counter() - t0

@@ -439,7 +439,7 @@ def level_plot(table: ResultTable) -> bytes:
         (axes[1, 1], "Edit accuracy per type", [(f"eval/{{m}}/edit/{e}", e) for e in EDIT_TYPES], False),
     ]
     for ax, title, lines, with_teacher in panels:
-        for n, (key, label) in enumerate(lines):
+        for _n, (key, label) in enumerate(lines):
             line, = ax.plot(x, series(key), marker="o", label=label)
             if with_teacher and teacher is not None:
                 tv = teacher.values[keys.index(key)]

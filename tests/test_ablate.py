@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import EXPERIMENTS
 from rich.console import Console
 
+from conftest import EXPERIMENTS
 from flashctl.ablate import (
     DEFAULT_LEVELS,
     TAG_ATTEMPTS,

@@ -27,18 +27,6 @@ WIDE = {"COLUMNS": "250"}  # rich wraps at 80 columns without a terminal
 TRAIN_KEYS = ("train/loss_generator", "train/loss_critic", "train/grad_norm_generator", "train/samples_per_s")
 
 
-@pytest.fixture(autouse=True)
-def _no_leaked_tracking_uri():
-    """`mlflow.set_tracking_uri` also exports MLFLOW_TRACKING_URI (for subprocesses), and that
-    variable wins over a spec's `tracking.uri` in flashctl jobs: keep one test's store from
-    leaking into the next test's CLI runs."""
-    saved = os.environ.pop("MLFLOW_TRACKING_URI", None)
-    yield
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    if saved is not None:
-        os.environ["MLFLOW_TRACKING_URI"] = saved
-
-
 def _args(tiny_world, tmp_path: Path, *extra: str) -> tuple[list[str], str]:
     """tiny_world's short-run overrides with this test's own store and output folder."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -21,18 +21,6 @@ SPEC = str(EXPERIMENTS / "tiny-cpu.yaml")
 WIDE = {"COLUMNS": "250"}  # rich wraps at 80 columns without a terminal
 
 
-@pytest.fixture(autouse=True)
-def _no_leaked_tracking_uri():
-    """`mlflow.set_tracking_uri` also exports MLFLOW_TRACKING_URI (for subprocesses), and that
-    variable wins over a spec's `tracking.uri` in flashctl jobs: keep one test's store from
-    leaking into the next test's CLI runs."""
-    saved = os.environ.pop("MLFLOW_TRACKING_URI", None)
-    yield
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    if saved is not None:
-        os.environ["MLFLOW_TRACKING_URI"] = saved
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import EXPERIMENTS, REPO
 
+from conftest import EXPERIMENTS, REPO
 from flashctl.errors import UserError
 from flashctl.launch import hostfile as hf
 from flashctl.launch import slurm

@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from flashctl.errors import UserError
 from flashctl.distill import objectives as flow
 from flashctl.distill.schedules import shift_sigmas
+from flashctl.errors import UserError
 from flashctl.models.adapter import QwenImageAdapter, cap_edit_pipeline, cat_conditioning, reference_size
 from flashctl.models.tiny import build_tiny_pipeline, build_tokenizer, build_vae, template_prefix_lengths
 from flashctl.models.vae_train import images_to_tensor, reconstruction_l1, set_latent_stats, train_vae

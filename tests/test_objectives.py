@@ -9,7 +9,8 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from flashctl.distill import guidance, mixture, objectives as ob, schedules
+from flashctl.distill import guidance, mixture, schedules
+from flashctl.distill import objectives as ob
 from flashctl.spec import GuidanceSpec
 
 

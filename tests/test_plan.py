@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import EXPERIMENTS
 from rich.console import Console
 
+from conftest import EXPERIMENTS
 from flashctl.errors import UserError
 from flashctl.plan import (
     QWEN_IMAGE_TEXT_ENCODER,

@@ -92,7 +92,7 @@ def make_grid(uri: str, tmp_path, factors: dict[str, list[str]], results: dict[t
             folder = tmp_path / f"imgs{n}"
             for model, colour in (("student", COLOURS[levels[0]]), ("teacher", COLOURS["teacher"])):
                 (folder / model).mkdir(parents=True)
-                for rid_, task, kind, _ in ROWS:
+                for rid_, task, _kind, _ in ROWS:
                     (folder / model / f"{rid_}.png").write_bytes(png(colour, (48, 32) if task == "edit" else (32, 32)))
             client.log_artifacts(rid, str(folder), "eval/images")
             results_json = {"rows": [{"row_id": r, "task": t, "prompt": p, ("edit_type" if t == "edit" else "category"): k,

@@ -7,12 +7,10 @@ import subprocess
 import sys
 
 import pytest
-import yaml
-
-from flashctl.cli import app
-from flashctl.spec import SpecError, load_spec, spec_hash
 
 from conftest import EXPERIMENTS, REPO
+from flashctl.cli import app
+from flashctl.spec import SpecError, load_spec, spec_hash
 
 
 @pytest.mark.parametrize("path", sorted(EXPERIMENTS.glob("*.yaml")), ids=lambda p: p.name)

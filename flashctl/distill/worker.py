@@ -37,10 +37,10 @@ class DistillJob:
     def __init__(self, spec, run_dir: Path, info):
         import torch
 
+        import flashctl.models.processor  # noqa: F401  (diffusers' loader finds the processor class)
         from flashctl.distill.dmd2 import Teacher
         from flashctl.distill.engine import ds_config, freeze, make_engine, make_frozen_engine
         from flashctl.distill.schedules import student_sigmas
-        import flashctl.models.processor  # noqa: F401  (diffusers' loader finds the processor class)
         from flashctl.models.adapter import QwenImageAdapter
         from flashctl.models.paths import resolve_model_path
 
@@ -94,7 +94,6 @@ class DistillJob:
 
     def conditioning(self, task: str):
         """Next batch of `task` as a Conditioning (prompt embeddings, CFG negatives, edit source)."""
-        import torch
 
         from flashctl.distill.dmd2 import Conditioning
         from flashctl.models.cache import _pil
@@ -113,8 +112,8 @@ class DistillJob:
         adapter = self.adapter
 
         def velocity(model, x_t, sigma, e, m, hh, ww, s):
-            return adapter.velocity(model, x_t.to(self.dtype) if self.dtype != torch.float32 else x_t,
-                                    sigma, e, m, hh, ww, s, src_size).float()
+            # the adapter runs each model in its own dtype (bf16 engines, fp32 teacher replicas)
+            return adapter.velocity(model, x_t, sigma, e, m, hh, ww, s, src_size).float()
 
         return Conditioning(task=task, embeds=embeds, mask=mask, neg_embeds=neg, neg_mask=neg_mask,
                             height=h, width=w, source_latents=src, latent_shape=(seq, ch), velocity_fn=velocity)

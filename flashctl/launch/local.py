@@ -88,6 +88,8 @@ def env_for(spec: ExperimentSpec, base: Mapping[str, str] | None = None) -> dict
     if launch.device == "cpu":
         env["DS_ACCELERATOR"] = "cpu"
         env.setdefault("OMP_NUM_THREADS", str(max(1, _cores() // launch.nproc_per_node)))
+    elif env.get("DS_ACCELERATOR") == "cpu":
+        del env["DS_ACCELERATOR"]  # left over from a CPU session: DeepSpeed would not use the GPU
     warn = env.get("PYTHONWARNINGS", "")
     if COLLECTIVE_WARNING_FILTER not in warn.split(","):
         env["PYTHONWARNINGS"] = ",".join(w for w in (warn, COLLECTIVE_WARNING_FILTER) if w)

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from flashctl.errors import UserError
 from flashctl.distill import objectives as flow  # the one home of the flow-matching maths
+from flashctl.errors import UserError
 
 _FULL_AREA = 1024 * 1024  # the edit pipelines' hard-coded reference area
 
@@ -328,6 +328,11 @@ class QwenImageAdapter:
         One batch must share one image size (the transformer's RoPE uses the first shape).
         Runs with gradients if enabled by the caller."""
         b = x_t.shape[0]
+        out_dtype = x_t.dtype
+        # Run in the transformer's own dtype (a bf16 engine, an fp32 teacher replica): inputs are
+        # cast to it and the output back to the caller's dtype.
+        model_dtype = next(transformer.parameters()).dtype
+        x_t, embeds = x_t.to(model_dtype), embeds.to(model_dtype)
         if not isinstance(sigma, torch.Tensor):
             sigma = torch.full((b,), float(sigma), device=x_t.device)
         sigma = sigma.to(x_t.device, x_t.dtype).reshape(-1).expand(b)
@@ -350,7 +355,7 @@ class QwenImageAdapter:
             img_shapes=self.img_shapes(b, height, width, source_size),
             return_dict=False,
         )[0]
-        return out[:, : x_t.shape[1]]
+        return out[:, : x_t.shape[1]].to(out_dtype)
 
     # ------------------------------------------------------------------------------- sampling
 
