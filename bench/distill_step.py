@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         "flashctl-2": {**summarise(f2[0]["rounds"], args.warmup), "ranks": 2, "threads_per_rank": f2[0]["threads"]},
         "flashctl-1-zero2": {**summarise(z2[0]["rounds"], args.warmup), "ranks": 1, "threads_per_rank": z2[0]["threads"]},
     }
-    for name, row in rows.items():
+    for row in rows.values():
         row["samples_per_round"] = args.batch_size * row["ranks"]
         row["generator_samples_per_s"] = row["samples_per_round"] / row["median_round_s"]
     report = {
