@@ -275,13 +275,15 @@ def ablate(
     parallel: int = typer.Option(1, min=1, help="Cells run at once (a local mlflow server serves the store)."),
     resume: bool = typer.Option(False, help="Continue an existing grid: skip FINISHED cells, re-run the rest."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the cells and their exact commands; run nothing."),
+    no_wait: bool = typer.Option(False, "--no-wait", help="Slurm: submit the array and return; --resume waits later."),
 ) -> None:
     """Sweep recipe factors: one MLflow parent run per grid, one child run (a distill job) per cell."""
     from flashctl.ablate import ablate as run_ablate
 
     spec_path, overrides = split_spec_args(args)
     result = run_ablate(spec_path, overrides, factor, levels.split(",") if levels else None,
-                        parallel=parallel, resume=resume, dry_run=dry_run, console=out if dry_run else console)
+                        parallel=parallel, resume=resume, dry_run=dry_run, wait=not no_wait,
+                        console=out if dry_run else console)
     if not dry_run and not result.ok:
         raise typer.Exit(1)
 

@@ -554,8 +554,9 @@ def spec_hash(spec: ExperimentSpec, exclude: tuple[str, ...] = ("run", "tracking
     left out: the same recipe under another name has the same hash.
     """
     data = {k: v for k, v in resolved_dict(spec).items() if k not in exclude}
-    if "launch" in data:  # the rendezvous address does not change what is trained
-        data["launch"] = {k: v for k, v in data["launch"].items() if k not in ("master_addr", "master_port")}
+    if "launch" in data:  # where and how processes start does not change what is trained
+        keep = ("device", "nproc_per_node", "nnodes")  # world size sets the global batch
+        data["launch"] = {k: v for k, v in data["launch"].items() if k in keep}
     blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import EXPERIMENTS, run_cli
 
+from conftest import EXPERIMENTS, run_cli
 from flashctl.spec import load_spec, spec_hash
 
 SPEC = str(EXPERIMENTS / "tiny-cpu.yaml")

@@ -14,8 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import EXPERIMENTS, REPO, run_cli
 from rich.console import Console
+
+from conftest import EXPERIMENTS, REPO, run_cli
 
 SPEC = str(EXPERIMENTS / "tiny-cpu.yaml")
 WIDE = {"COLUMNS": "250"}  # rich wraps at 80 columns without a terminal

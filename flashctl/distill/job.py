@@ -171,6 +171,10 @@ def launch(spec: ExperimentSpec, prep: PreparedRun, console) -> None:
         raise UserError(f"{prep.run_dir}: stopped by a signal after writing a checkpoint; re-run to resume")
     if rc != 0:
         raise UserError(f"{prep.run_dir}: distillation failed (exit {rc}); see {prep.run_dir / 'train.log'}")
-    summary = json.loads((prep.run_dir / "summary.json").read_text())
+    summary_path = prep.run_dir / "summary.json"
+    if not summary_path.exists():  # another node of a multi-node run: rank 0 writes the summary
+        console.print(f"[green]ok[/green] this node's ranks finished ({prep.run_dir})", highlight=False)
+        return
+    summary = json.loads(summary_path.read_text())
     console.print(f"[green]ok[/green] student -> {summary['student']} ({summary['train_time_s']:.0f}s of training)",
                   highlight=False)

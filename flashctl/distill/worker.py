@@ -253,8 +253,10 @@ def run(run_dir: Path) -> int:
     job = DistillJob(spec, run_dir, info)
     state = load_checkpoint(job.ckpt_dir, {"student": job.student, "critic": job.critic})
     start = job.restore(state) if state else 0
-    tracker = make_tracker(spec.tracking, run_dir, spec.run.name, rank=info.rank,
-                           tags={"flashctl.kind": "distill", "spec_hash": spec_hash(spec)})
+    tags = {"spec_hash": spec_hash(spec)}
+    if not os.environ.get("MLFLOW_RUN_ID"):  # an ablation cell keeps the grid's own tags
+        tags["flashctl.kind"] = "distill"
+    tracker = make_tracker(spec.tracking, run_dir, spec.run.name, rank=info.rank, tags=tags)
     if info.rank == 0 and not isinstance(tracker, NullTracker):
         tracker.start()
         if tracker.log_params_once(_flat_params(spec)):
