@@ -68,3 +68,19 @@ def tiny_world(tmp_path_factory):
         f"tracking.uri=sqlite:///{root}/mlflow.db",
     ]
     return {"root": root, "data": data.root, "teacher": teacher, "spec_args": spec_args}
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> None:
+    """A running one-node Slurm: .ci/slurm/setup.sh starts it (installing it if needed and
+    allowed, idempotent); the test is skipped with the script's reason when it cannot."""
+    import subprocess
+
+    setup = REPO / ".ci" / "slurm" / "setup.sh"
+    try:
+        proc = subprocess.run(["bash", str(setup)], capture_output=True, text=True, timeout=600, check=False)
+    except subprocess.TimeoutExpired:
+        pytest.skip("slurm setup: .ci/slurm/setup.sh did not finish in 600 s")
+    if proc.returncode != 0:
+        reason = next((ln for ln in proc.stdout.splitlines() if ln.startswith("slurm setup failed")), None)
+        pytest.skip(reason or f"slurm setup exited {proc.returncode}: {proc.stdout[-300:]} {proc.stderr[-300:]}")

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from conftest import EXPERIMENTS, REPO, run_cli
+from conftest import EXPERIMENTS, run_cli
 
 SPEC = str(EXPERIMENTS / "tiny-cpu.yaml")
 WIDE = {"COLUMNS": "250"}  # rich wraps at 80 columns without a terminal
@@ -46,19 +46,6 @@ def _assert_student(run_dir: Path) -> dict:
     assert (run_dir / "student" / "model_index.json").is_file()
     assert (run_dir / "student.safetensors").is_file()
     return json.loads((run_dir / "summary.json").read_text())
-
-
-@pytest.fixture(scope="session")
-def slurm_cluster() -> None:
-    """A running one-node Slurm (.ci/slurm/setup.sh, idempotent); skip with its reason if not."""
-    setup = REPO / ".ci" / "slurm" / "setup.sh"
-    try:
-        proc = subprocess.run(["bash", str(setup)], capture_output=True, text=True, timeout=600, check=False)
-    except subprocess.TimeoutExpired:
-        pytest.skip("slurm setup: .ci/slurm/setup.sh did not finish in 600 s")
-    if proc.returncode != 0:
-        reason = next((ln for ln in proc.stdout.splitlines() if ln.startswith("slurm setup failed")), None)
-        pytest.skip(reason or f"slurm setup exited {proc.returncode}: {proc.stdout[-300:]} {proc.stderr[-300:]}")
 
 
 # --------------------------------------------------------------------------------------------

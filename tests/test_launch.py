@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import EXPERIMENTS, REPO
+from conftest import EXPERIMENTS
 from flashctl.errors import UserError
 from flashctl.launch import hostfile as hf
 from flashctl.launch import slurm
@@ -305,20 +305,6 @@ def test_submit_without_sbatch_names_it(tmp_path, monkeypatch):
 
 # --------------------------------------------------------------------------------------------
 # Real Slurm (one node on this machine)
-
-
-@pytest.fixture(scope="session")
-def slurm_cluster() -> None:
-    """A running one-node Slurm: .ci/slurm/setup.sh starts it (installing it if needed and
-    allowed); the test is skipped with the script's reason when it cannot."""
-    setup = REPO / ".ci" / "slurm" / "setup.sh"
-    try:
-        proc = subprocess.run(["bash", str(setup)], capture_output=True, text=True, timeout=600, check=False)
-    except subprocess.TimeoutExpired:
-        pytest.skip("slurm setup: .ci/slurm/setup.sh did not finish in 600 s")
-    if proc.returncode != 0:
-        reason = next((ln for ln in proc.stdout.splitlines() if ln.startswith("slurm setup failed")), None)
-        pytest.skip(reason or f"slurm setup exited {proc.returncode}: {proc.stdout[-300:]} {proc.stderr[-300:]}")
 
 
 def _slurm_spec(**slurm_fields) -> ExperimentSpec:
