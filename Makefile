@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/flashctl prepare-data experiments/tiny-cpu.yaml --overwrite --workers 2
 	$(BIN)/flashctl distill experiments/tiny-cpu.yaml --fresh
-	$(BIN)/flashctl ablate experiments/tiny-cpu.yaml --factor task-mixture --resume distill.steps=60 eval.n_t2i=24 eval.n_edit=24
+	$(BIN)/flashctl ablate experiments/tiny-cpu.yaml --factor task-mixture --resume distill.steps=30 eval.n_t2i=24 eval.n_edit=24
 	$(BIN)/flashctl report --experiment flashctl-tiny
 
 test: $(STAMP)
