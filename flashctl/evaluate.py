@@ -75,7 +75,7 @@ def score_images(rows: list[dict[str, Any]], images: dict[str, Any]) -> tuple[di
     """Verifier results per row and their aggregate."""
     from flashctl.shapes import score, verify_record
 
-    results = [verify_record(r, images[r["id"]]) for r in rows]
+    results = [{**verify_record(r, images[r["id"]]), "prompt": r["prompt"]} for r in rows]
     return score(results), results
 
 
