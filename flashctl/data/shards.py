@@ -35,10 +35,11 @@ class WrittenShard:
 
 
 class ShardWriter:
-    """Write `SCHEMA` record batches into `directory/part-XXXXX.arrow` shards.
+    """Write `SCHEMA` record batches into `directory/part-NNNNN.arrow` shards.
 
-    Each shard is first written as `part-XXXXX.arrow.partial`, flushed to disk, hashed and
-    then renamed (os.replace), so a `part-*.arrow` file is always complete.
+    Each shard is first written as `part-NNNNN.arrow.partial`, flushed to disk, hashed and
+    then renamed (os.replace), so a `part-*.arrow` file is always complete (the final names, `data-0000i-of-0000N.arrow`,
+    are given when the dataset is complete).
     """
 
     def __init__(self, directory: Path, rows_per_shard: int, batch_rows: int = BATCH_ROWS):
