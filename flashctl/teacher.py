@@ -276,7 +276,3 @@ def _drop_condition(b, drop: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     ne, nm = pad(b.neg_embeds, b.neg_mask)
     d = drop.view(-1, 1)
     return torch.where(d.unsqueeze(-1), ne, e), torch.where(d, nm, m)
-
-
-def summary_json(summary: dict[str, Any]) -> str:
-    return json.dumps(summary, indent=2)

@@ -96,12 +96,12 @@ class DistillJob:
         """Next batch of `task` as a Conditioning (prompt embeddings, CFG negatives, edit source)."""
 
         from flashctl.distill.dmd2 import Conditioning
-        from flashctl.models.cache import _pil
+        from flashctl.models.cache import batch_images
 
         _, it = self.loader(task)
         batch = next(it)
         h, w = batch["height"], batch["width"]
-        sources = _pil(batch, "source_images") if task == "edit" else None
+        sources = batch_images(batch, "source_images") if task == "edit" else None
         embeds, mask = self.adapter.encode_prompts(batch["prompts"], sources)
         neg, neg_mask = self.adapter.encode_prompts([""] * len(batch["prompts"]), sources)
         src = src_size = None

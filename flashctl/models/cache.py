@@ -88,7 +88,8 @@ def _unpad(embeds: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
     return [e[m.bool()].clone() for e, m in zip(embeds, mask)]
 
 
-def _pil(batch: dict[str, Any], key: str) -> list:
+def batch_images(batch: dict[str, Any], key: str) -> list:
+    """PIL images of a loader batch tensor (`images` / `source_images`, values in [-1, 1])."""
     from PIL import Image
 
     x = ((batch[key].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
@@ -110,7 +111,7 @@ def encode_batch(adapter: QwenImageAdapter, batch: dict[str, Any], buckets: dict
     prompts = [batch["prompts"][i] for i in keep]
     sources = None
     if task == "edit":
-        sources = [im for i, im in enumerate(_pil(batch, "source_images")) if i in keep]
+        sources = [im for i, im in enumerate(batch_images(batch, "source_images")) if i in keep]
     embeds, mask = adapter.encode_prompts(prompts, sources)
     neg, neg_mask = adapter.encode_prompts([""] * len(prompts), sources)
     bucket.embeds += _unpad(embeds, mask)
