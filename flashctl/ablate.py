@@ -354,10 +354,11 @@ def array_cells(grid: Grid, cells: Sequence[tuple[Cell, str]], uri: str, experim
 def print_plan(grid: Grid, parallel: int = 1, command_builder: CommandBuilder = cell_command,
                console=None) -> None:
     """`--dry-run`: the cells (levels, hash, overrides) and each exact command; touches nothing."""
-    from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
+    from flashctl.term import emit, human_console, show
+
+    console = console or human_console()
     on_slurm = _on_slurm(grid)
     if on_slurm:
         _check_array(grid)
@@ -372,7 +373,7 @@ def print_plan(grid: Grid, parallel: int = 1, command_builder: CommandBuilder = 
     for cell in grid.cells:
         table.add_row(str(cell.index), *(lv for _, lv in cell.levels), cell.spec_hash,
                       "\n".join(cell.override_args()))
-    console.print(table)
+    show(console, table)
     console.print(f"store {grid.tracking_uri}, experiment {grid.experiment!r}, cells in {grid.out_dir}"
                   + (", served by a local mlflow server" if uri != grid.tracking_uri else ""),
                   highlight=False, markup=False)
@@ -381,17 +382,15 @@ def print_plan(grid: Grid, parallel: int = 1, command_builder: CommandBuilder = 
 
         cells = array_cells(grid, [(c, f"<child run of {c.key}>") for c in grid.cells], uri,
                             "<experiment id>", command_builder)
-        # Written as is, not through rich, which would expand the cells file's tabs.
-        console.file.write(f"# {grid.out_dir / slurm.ARRAY_SCRIPT} (one Slurm array task per cell):\n"
-                           + slurm.render_array(grid.base_spec, cells, grid.out_dir) + "\n"
-                           + f"# {grid.out_dir / slurm.CELLS_FILE}:\n" + slurm.cells_file_text(cells))
-        console.file.flush()
+        # Written as is, not through rich, which would wrap lines and expand the cells file's tabs.
+        emit(f"# {grid.out_dir / slurm.ARRAY_SCRIPT} (one Slurm array task per cell):\n"
+             + slurm.render_array(grid.base_spec, cells, grid.out_dir) + "\n"
+             + f"# {grid.out_dir / slurm.CELLS_FILE}:\n" + slurm.cells_file_text(cells), console.file)
         return
     for cell in grid.cells:
         argv = command_builder(grid, cell, execution_overrides(grid, cell, uri, parallel))
-        env = f"MLFLOW_RUN_ID=<child run of {cell.key}> MLFLOW_TRACKING_URI={uri}"
-        console.print(f"[{cell.index}] {env} {shlex.join(argv)}", highlight=False, markup=False,
-                      soft_wrap=True)
+        env = shlex.join([f"MLFLOW_RUN_ID=<child run of {cell.key}>", f"MLFLOW_TRACKING_URI={uri}"])
+        emit(f"[{cell.index}] {env} {shlex.join(argv)}", console.file)
 
 
 # --------------------------------------------------------------------------------------------
@@ -738,29 +737,71 @@ def _finish(state: CellState, grid: Grid, client, rc: int) -> None:
             client.log_artifact(state.run_id, str(state.log), "logs")
 
 
+class _StatusView:
+    """The cells as they change: one line per cell event (started, queued, finished, failed), on a
+    terminal above a live table of every cell, in a log or pipe on its own (rich draws nothing
+    live there)."""
+
+    def __init__(self, grid: Grid, states: Sequence[CellState], console):
+        self.grid, self.states, self.console = grid, states, console
+        self._seen = {s.cell.index: s.status for s in states}
+        self._live = None
+
+    def __enter__(self) -> "_StatusView":
+        if self.console.is_terminal:
+            from rich.live import Live
+
+            self._live = Live(status_table(self.grid, self.states), console=self.console,
+                              refresh_per_second=2, transient=True)
+            self._live.__enter__()
+        return self
+
+    def update(self) -> None:
+        for s in self.states:
+            if self._seen.get(s.cell.index) != s.status:
+                self._seen[s.cell.index] = s.status
+                self.console.print(_event_line(s), highlight=False, markup=False)
+        if self._live is not None:
+            self._live.update(status_table(self.grid, self.states))
+
+    def __exit__(self, *exc) -> None:
+        if self._live is not None:
+            self._live.__exit__(*exc)
+
+
+def _event_line(s: CellState) -> str:
+    levels = " ".join(f"{f}={lv}" for f, lv in s.cell.levels)
+    line = f"cell {s.cell.index} [{levels}] {s.status}"
+    if s.status in ("finished", "failed", "killed") and s.elapsed is not None:
+        line += f" after {s.elapsed:.0f}s"
+    if s.returncode is not None:
+        line += f" (exit {s.returncode})"
+    line += f", run {s.run_id}"
+    if s.log and s.status in ("running", "queued", "failed", "killed"):
+        line += f", log {s.log}"
+    return line
+
+
 def _execute(states: list[CellState], grid: Grid, client, uri: str, parallel: int,
              experiment_id: str, command_builder: CommandBuilder, console, poll_s: float) -> None:
-    from rich.live import Live
-
     base_env = dict(os.environ)
     pending = deque(s for s in states if s.status == "pending")
     running: list[CellState] = []
     try:
-        with Live(status_table(grid, states), console=console, refresh_per_second=2,
-                  transient=True) as live:
+        with _StatusView(grid, states, console) as live:
             while pending or running:
                 while pending and len(running) < parallel:
                     s = pending.popleft()
                     _start(s, grid, client, uri, parallel, experiment_id, command_builder, base_env)
                     running.append(s)
-                    live.update(status_table(grid, states))
+                    live.update()
                 time.sleep(poll_s)
                 for s in list(running):
                     rc = s.proc.poll()
                     if rc is not None:
                         running.remove(s)
                         _finish(s, grid, client, rc)
-                live.update(status_table(grid, states))
+                live.update()
     except BaseException:
         for s in running:
             if s.proc is not None:
@@ -838,15 +879,12 @@ def _wait_array(job: str, tasks: list[tuple[int, CellState]], grid: Grid, client
                 poll_s: float, lost_after: int = 5) -> None:
     """Poll the array until every task ended, marking each cell as its task ends. A task Slurm
     no longer knows (`lost_after` polls in a row without any record) is judged by MLflow alone."""
-    from rich.live import Live
-
     from flashctl.launch import slurm
 
     n = max((t for t, _ in tasks), default=-1) + 1
     waiting = dict(tasks)
     misses = 0
-    with Live(status_table(grid, [s for _, s in tasks]), console=console, refresh_per_second=2,
-              transient=True) as live:
+    with _StatusView(grid, [s for _, s in tasks], console) as live:
         while waiting:
             states = slurm.array_task_states(job, n)
             misses = 0 if states else misses + 1
@@ -859,7 +897,7 @@ def _wait_array(job: str, tasks: list[tuple[int, CellState]], grid: Grid, client
                     s.status, s.started = "running", time.monotonic()
                 elif state in ("PENDING", "REQUEUED", "REQUEUE_HOLD") and s.status == "running":
                     s.status = "queued"  # requeued (time limit, node failure): it resumes later
-            live.update(status_table(grid, [s for _, s in tasks]))
+            live.update()
             if waiting:
                 time.sleep(poll_s)
 
@@ -942,8 +980,8 @@ def run_grid(
     `launch.slurm.array_parallel`, and `wait=False` returns once the array is submitted.
     """
     from mlflow.tracking import MlflowClient
-    from rich.console import Console
 
+    from flashctl.term import human_console, show
     from flashctl.track import ensure_experiment
 
     if parallel < 1:
@@ -951,7 +989,7 @@ def run_grid(
     on_slurm = _on_slurm(grid)
     if on_slurm:
         _check_array(grid)
-    console = console or Console(stderr=True)
+    console = console or human_console(stderr=True)
     if on_slurm and parallel > 1:
         console.print(f"--parallel {parallel} does not apply on Slurm: launch.slurm.array_parallel "
                       f"({grid.base_spec.launch.slurm.array_parallel}) sets how many array tasks run at once",
@@ -984,7 +1022,7 @@ def run_grid(
                     status = "KILLED" if interrupted else ("FINISHED" if result.ok else "FAILED")
                     with suppress(Exception):  # best effort: the summary below must still print
                         direct.set_terminated(parent_id, status=status)
-                console.print(status_table(grid, states, title=f"grid {grid.grid_id}: parent run {parent_id}"))
+                show(console, status_table(grid, states, title=f"grid {grid.grid_id}: parent run {parent_id}"))
                 if result.in_flight:
                     job = direct.get_run(parent_id).data.tags.get(TAG_ARRAY, "?")
                     console.print(f"Slurm array {job} keeps running ({len(result.in_flight)} cells): "

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import typer
-from rich.console import Console
 
 from flashctl.errors import UserError
 from flashctl.spec import SpecError
+from flashctl.term import emit, human_console, show
 
 app = typer.Typer(
     name="flashctl",
@@ -34,8 +34,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console(stderr=True)
-out = Console()
+# People read `console` (stderr) and `out` (stdout tables); programs read what `emit` writes.
+console = human_console(stderr=True)
+out = human_console()
 
 SPEC_ARGS_HELP = (
     "Spec file (YAML) followed by dotted overrides `key=value`; without a spec file the embedded "
@@ -100,7 +101,7 @@ def validate(
 
     spec = load(args)
     if print_config:
-        out.print(to_yaml(spec), end="", highlight=False, markup=False)
+        emit(to_yaml(spec))
     else:
         console.print(f"[green]ok[/green] spec hash {spec_hash(spec)}", highlight=False)
 
@@ -119,7 +120,7 @@ def schema(
         atomic_write_text(out_path, text + "\n")
         console.print(f"wrote {out_path}")
     else:
-        out.print(text, highlight=False, markup=False)
+        emit(text)
 
 
 @app.command(
@@ -219,7 +220,7 @@ def evaluate(
     from flashctl.evaluate_cmd import run_evaluate
 
     result = run_evaluate(spec, path, nfe, cfg, out_dir, track, console)
-    out.print(result, highlight=False)
+    show(out, result)
 
 
 @app.command(
@@ -244,14 +245,14 @@ def distill(
 
     spec = load(args)
     if print_config:
-        out.print(to_yaml(spec), end="", highlight=False, markup=False)
+        emit(to_yaml(spec))
         return
     from flashctl.distill.job import check_inputs, describe, launch, prepare_run
 
     check_inputs(spec)
     prep = prepare_run(spec, fresh=fresh and not dry_run, dry_run=dry_run, node_rank=node_rank, no_ssh=no_ssh)
     if dry_run:
-        out.print(describe(prep), end="", highlight=False, markup=False)
+        emit(describe(prep))
         return
     console.print(f"{'resuming' if prep.resuming else 'starting'} {prep.run_dir}", highlight=False)
     launch(spec, prep, console)
@@ -327,7 +328,7 @@ def plan(
     from flashctl.plan import render_plan
 
     for table in render_plan(make_plan(spec)):
-        out.print(table)
+        show(out, table)
 
 
 def main() -> None:  # pragma: no cover - console entry

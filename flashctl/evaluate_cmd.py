@@ -10,7 +10,6 @@ from flashctl.spec import ExperimentSpec
 def run_evaluate(spec: ExperimentSpec, model: str, nfe: int, cfg: float, out_dir: Path | None,
                  track: bool, console):
     """Evaluate `model` (pipeline folder / builtin:NAME / hub id); returns a rich Table."""
-    from rich.progress import Progress
     from rich.table import Table
 
     from flashctl.evaluate import ModelUnderTest, eval_rows, evaluate_models
@@ -23,11 +22,12 @@ def run_evaluate(spec: ExperimentSpec, model: str, nfe: int, cfg: float, out_dir
     adapter = QwenImageAdapter.from_pretrained(path, edit_max_pixels=spec.model.edit_max_pixels)
     rows = eval_rows(spec)
     mut = ModelUnderTest("model", nfe, cfg)
-    with Progress(console=console, transient=True) as prog:
-        bar = prog.add_task(f"sampling {name} @ {nfe} NFE", total=len(rows))
+    from flashctl.progress import StepProgress
+
+    with StepProgress(f"sampling {name} @ {nfe} NFE", len(rows), console, unit="rows") as prog:
         res = evaluate_models(adapter, {"model": (adapter.transformer, mut)},
                               rows, out_dir, spec.eval.seed,
-                              progress=lambda _n, done, total: prog.update(bar, completed=done))
+                              progress=lambda _n, done, total: prog.update(done))
     summary = res["models"]["model"]
     table = Table(title=f"{model} @ {nfe} steps, CFG {cfg:g} ({mut.nfe} NFE): verifier accuracy ({len(rows)} eval rows)")
     table.add_column("group")

@@ -354,10 +354,12 @@ def terminal_tables(table: ResultTable) -> list:
 
 
 def print_tables(tables: Sequence[ResultTable], console) -> None:
-    """Print every table to a rich console."""
+    """Print every table: rich on a terminal, Markdown with every column in a pipe or log."""
+    from flashctl.term import show
+
     for table in tables:
         for t in terminal_tables(table):
-            console.print(t)
+            show(console, t)
 
 
 def table_csv(table: ResultTable) -> str:
@@ -791,10 +793,11 @@ def make_report(
     is no store, no such experiment/run, or no grid.
     """
     from mlflow.tracking import MlflowClient
-    from rich.console import Console
+
+    from flashctl.term import human_console
 
     fmts = parse_formats(formats)
-    console = console or Console()
+    console = console or human_console()
     uri = store_uri(tracking_uri)
     client = MlflowClient(tracking_uri=uri)
     grid = find_grid(client, parent=parent, experiment=experiment)

@@ -23,7 +23,7 @@ from flashctl.spec import load_spec, spec_hash
 SPEC = str(EXPERIMENTS / "tiny-cpu.yaml")
 LEVELS = {"9:1": ["mixture.t2i=9", "mixture.edit=1"], "7:3": ["mixture.t2i=7", "mixture.edit=3"],
           "5:5": ["mixture.t2i=5", "mixture.edit=5"]}
-WIDE = {"COLUMNS": "250"}  # rich wraps at 80 columns without a terminal
+NARROW = {"COLUMNS": "40"}  # nothing may depend on the width: rich once wrapped piped output at 80
 TRAIN_KEYS = ("train/loss_generator", "train/loss_critic", "train/grad_norm_generator", "train/samples_per_s")
 
 
@@ -70,11 +70,14 @@ def test_parallel_grid_of_real_jobs_then_report(tiny_world, tmp_path):
     """Three cells at once against one SQLite store (through the grid's mlflow server): one parent,
     three FINISHED children, no metric point lost, no "database is locked"; then `report`."""
     args, uri = _args(tiny_world, tmp_path)
-    res = run_cli(["ablate", SPEC, *args, "--factor", "task-mixture", "--parallel", "3"], cwd=tmp_path, env=WIDE,
+    res = run_cli(["ablate", SPEC, *args, "--factor", "task-mixture", "--parallel", "3"], cwd=tmp_path, env=NARROW,
                   timeout=1800)
     logs = "".join(p.read_text(errors="replace") for p in (tmp_path / "runs").glob("ablate-*/**/*.log"))
     assert res.returncode == 0, res.stderr[-4000:] + logs[-4000:]
     assert "3 of 3 cells to run, 3 at a time" in res.stderr
+    for i, level in enumerate(LEVELS):  # not a terminal: one line per cell event, nothing lost
+        assert f"cell {i} [task-mixture={level}] running" in res.stderr
+        assert re.search(rf"cell {i} \[task-mixture={re.escape(level)}\] finished after \d+s \(exit 0\)", res.stderr)
     assert "database is locked" not in res.stderr + res.stdout + logs
 
     parent, children = _grid_runs(uri)
@@ -93,7 +96,7 @@ def test_parallel_grid_of_real_jobs_then_report(tiny_world, tmp_path):
         assert row["metrics.eval/student/nfe"] == 4
 
     out = tmp_path / "report"
-    rep = run_cli(["report", "--tracking-uri", uri, "--parent", parent["run_id"], "--out", str(out)], cwd=tmp_path, env=WIDE)
+    rep = run_cli(["report", "--tracking-uri", uri, "--parent", parent["run_id"], "--out", str(out)], cwd=tmp_path, env=NARROW)
     assert rep.returncode == 0, rep.stderr[-3000:]
     assert "3/3 cells finished" in rep.stdout
     for level in LEVELS:
@@ -131,7 +134,7 @@ def test_killed_grid_resumes_only_the_unfinished_cells(tiny_world, tmp_path):
     cmd = [sys.executable, "-m", "flashctl.cli", "ablate", SPEC, *args, "--factor", "task-mixture"]
     with open(tmp_path / "grid.log", "wb") as log:
         grid = subprocess.Popen(cmd, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, **WIDE})
+                                env={**os.environ, **NARROW})
     try:
         deadline = time.monotonic() + 900
         first_done = second_started = False
@@ -148,7 +151,7 @@ def test_killed_grid_resumes_only_the_unfinished_cells(tiny_world, tmp_path):
                 runs = mlflow.search_runs(experiment_names=["flashctl-tiny"])
                 first_done = bool(len(runs)) and "FINISHED" in set(runs["status"])
             second_started = any((tmp_path / "runs").glob("ablate-*/*task-mixture-7-3/spec.resolved.yaml"))
-        busy = run_cli(["ablate", SPEC, *args, "--factor", "task-mixture", "--resume"], cwd=tmp_path, env=WIDE)
+        busy = run_cli(["ablate", SPEC, *args, "--factor", "task-mixture", "--resume"], cwd=tmp_path, env=NARROW)
         assert busy.returncode == 1 and "is being run by another `flashctl ablate`" in busy.stderr, busy.stderr
         os.killpg(grid.pid, signal.SIGKILL)
     finally:
@@ -160,7 +163,7 @@ def test_killed_grid_resumes_only_the_unfinished_cells(tiny_world, tmp_path):
     assert before["9:1"]["status"] == "FINISHED" and before["7:3"]["status"] == "RUNNING"
     assert before["5:5"]["tags.flashctl.attempts"] == "0"
 
-    res = run_cli(["ablate", SPEC, *args, "--factor", "task-mixture", "--resume"], cwd=tmp_path, env=WIDE,
+    res = run_cli(["ablate", SPEC, *args, "--factor", "task-mixture", "--resume"], cwd=tmp_path, env=NARROW,
                   timeout=1800)
     assert res.returncode == 0, res.stderr[-4000:]
     assert "2 of 3 cells to run" in res.stderr

@@ -19,7 +19,7 @@ from rich.console import Console
 from conftest import EXPERIMENTS, run_cli
 
 SPEC = str(EXPERIMENTS / "tiny-cpu.yaml")
-WIDE = {"COLUMNS": "250"}  # rich wraps at 80 columns without a terminal
+NARROW = {"COLUMNS": "40"}  # nothing may depend on the width: rich once wrapped piped output at 80
 
 
 def _free_port() -> int:
@@ -65,7 +65,7 @@ def test_distill_dry_run_on_slurm_prints_a_valid_batch_script(tiny_world, tmp_pa
 
 def test_ablate_dry_run_on_slurm_prints_one_array_and_its_cells(tiny_world, tmp_path):
     args, uri = _args(tiny_world, tmp_path, "launch.backend=slurm", "launch.slurm.array_parallel=2")
-    res = run_cli(["ablate", SPEC, *args, "--factor", "task-mixture", "--dry-run"], cwd=tmp_path, env=WIDE)
+    res = run_cli(["ablate", SPEC, *args, "--factor", "task-mixture", "--dry-run"], cwd=tmp_path, env=NARROW)
     assert res.returncode == 0, res.stderr
     text = res.stdout
     script = text[text.index("#!/bin/bash"):text.rindex("\n# ")]
@@ -96,7 +96,7 @@ def test_distill_submitted_to_slurm_exports_the_student(slurm_cluster, tiny_worl
 
     args, uri = _slurm_args(tiny_world, tmp_path, "launch.slurm.cpus_per_task=2", "run.name=on-slurm",
                             "eval.enabled=false")
-    res = run_cli(["distill", SPEC, *args], cwd=tmp_path, env=WIDE)
+    res = run_cli(["distill", SPEC, *args], cwd=tmp_path, env=NARROW)
     assert res.returncode == 0, res.stderr
     assert "submitted Slurm job" in res.stderr
     run_dir = tmp_path / "runs" / "on-slurm"
@@ -134,7 +134,7 @@ def test_grid_on_slurm_runs_as_one_array(slurm_cluster, tiny_world, tmp_path, mo
     job = parent.data.tags["flashctl.slurm_array"]
     assert parent.info.status == "RUNNING"  # the grid is not over while its array runs
 
-    res = run_cli(["ablate", SPEC, *args, "--factor", "task-mixture", "--resume"], cwd=tmp_path, env=WIDE,
+    res = run_cli(["ablate", SPEC, *args, "--factor", "task-mixture", "--resume"], cwd=tmp_path, env=NARROW,
                   timeout=2400)
     assert res.returncode == 0, res.stderr[-4000:]
     assert f"Slurm array {job} of this grid is still active (3 cells in it): waiting for it" in res.stderr
@@ -171,7 +171,7 @@ def test_two_node_loopback_trains_the_real_worker(tiny_world, tmp_path):
     args, uri = _args(tiny_world, tmp_path, "launch.backend=hostfile", f"launch.hostfile={hostfile}",
                       "launch.nnodes=2", "launch.nproc_per_node=1", f"launch.master_port={_free_port()}",
                       "run.name=two-nodes", "eval.enabled=false")
-    env = {**os.environ, **WIDE}
+    env = {**os.environ, **NARROW}
     procs = []
     for rank in (0, 1):
         cmd = [sys.executable, "-m", "flashctl.cli", "distill", SPEC, *args, "--no-ssh", "--node-rank", str(rank)]

@@ -57,6 +57,7 @@ from flashctl.data.schema import (
 )
 from flashctl.data.shards import ShardWriter, WrittenShard
 from flashctl.errors import UserError
+from flashctl.progress import StepProgress
 from flashctl.spec import DataSpec
 
 CHUNK = 100
@@ -299,36 +300,6 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _progress(enabled: bool):
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        ProgressColumn,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-    from rich.text import Text
-
-    class RowsPerSecond(ProgressColumn):
-        def render(self, task) -> Text:  # type: ignore[override]
-            speed = task.finished_speed or task.speed
-            return Text(f"{speed:,.0f} rows/s" if speed else "- rows/s", style="progress.data.speed")
-
-    return Progress(
-        TextColumn("[bold]prepare-data"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        RowsPerSecond(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        disable=not enabled,
-    )
-
-
 # ------------------------------------------------------------------------------------------
 
 
@@ -374,10 +345,9 @@ def _build(data: DataSpec, plan: _Plan, out: Path, staging: Path, *, workers: in
     try:
         with (
             open(staging / REJECTS_NAME, "w") as rejects_fh,
-            _progress(progress) as bar,
+            StepProgress("prepare-data", plan.total, unit="rows", enabled=progress) as bar,
             closing(ordered_map(plan.fn, plan.items, workers)) as results,
         ):
-            task = bar.add_task("rows", total=plan.total)
             for res in results:
                 batch, rejects = res.batch, list(res.rejects)
                 keep = []
@@ -401,7 +371,7 @@ def _build(data: DataSpec, plan: _Plan, out: Path, staging: Path, *, workers: in
                 for name in COUNTED:
                     counts[name].update(v for v in batch.column(name).to_pylist() if v is not None)
                 writer.write(batch)
-                bar.advance(task, res.consumed)
+                bar.advance(res.consumed)
             shards = writer.close()
     except BaseException:
         writer.abort()
