@@ -1,0 +1,53 @@
+"""Intervals and paired tests against hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from flashctl.stats import accuracy_interval, mcnemar_exact, paired_test, rows_for_half_width, spread, wilson
+
+
+def test_wilson_matches_the_hand_computed_interval():
+    # 8/10: p=.8, z²/n=.38416, centre=(.8+.19208)/1.38416=.71674, half=1.41602*sqrt(.016+.009604)=.22658
+    iv = wilson(8, 10)
+    assert iv.estimate == 0.8
+    assert iv.low == pytest.approx(0.4902, abs=1e-4) and iv.high == pytest.approx(0.9433, abs=1e-4)
+    # stays inside [0, 1] where the Wald interval would not
+    zero, full = wilson(0, 20), wilson(20, 20)
+    assert zero.low == 0.0 and 0 < zero.high < 0.17 and full.high == 1.0 and 0.83 < full.low < 1
+
+
+def test_wilson_narrows_with_rows_and_rejects_bad_counts():
+    assert wilson(240, 400).half_width < 0.05 < wilson(24, 40).half_width
+    assert math.isnan(wilson(0, 0).estimate) and (wilson(0, 0).low, wilson(0, 0).high) == (0.0, 1.0)
+    with pytest.raises(ValueError):
+        wilson(5, 4)
+    assert accuracy_interval([True, False, True, True]) == wilson(3, 4)
+
+
+def test_rows_needed_for_a_five_point_interval():
+    # 1.96² · .25 / .05² = 384.1 -> 385
+    assert rows_for_half_width(0.05) == 385
+    assert wilson(192, 385).half_width <= 0.05
+
+
+def test_exact_mcnemar_by_hand():
+    assert mcnemar_exact(0, 6) == pytest.approx(2 * 0.5**6)  # 0.03125
+    assert mcnemar_exact(1, 5) == pytest.approx(2 * (1 + 6) / 64)  # 0.21875
+    assert mcnemar_exact(3, 3) == 1.0 and mcnemar_exact(0, 0) == 1.0
+
+
+def test_paired_test_uses_only_shared_rows():
+    a = {"r1": True, "r2": True, "r3": False, "r4": True, "only-a": True}
+    b = {"r1": True, "r2": False, "r3": False, "r4": False, "only-b": False}
+    t = paired_test(a, b)
+    assert (t.n, t.a_only, t.b_only) == (4, 2, 0)
+    assert t.difference == 0.5 and t.p_value == pytest.approx(0.5)
+
+
+def test_spread_over_seeds():
+    s = spread([0.5, 0.7, 0.6])
+    assert s.mean == pytest.approx(0.6) and s.std == pytest.approx(0.1) and (s.low, s.high, s.n) == (0.5, 0.7, 3)
+    assert spread([0.4]).std == 0.0 and spread([]).n == 0
