@@ -121,11 +121,13 @@ def generator_loss(
     tau_max: float,
     objective: str = "dmd2",
     tau_generator: torch.Generator | None = None,
+    student_sigma: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Distribution-matching loss of a student sample `x` (with grad) and its diagnostics.
 
     `gen` draws the re-noising noise (may differ per rank); `tau_generator` (default `gen`)
-    draws the re-noise levels."""
+    draws the re-noise levels. `student_sigma` is the input level of the student step that made
+    `x`; decoupled-DMD re-noises its CFG-augmentation term only below it (see below)."""
     b = x.shape[0]
     tgen = tau_generator or gen
     tau = obj.sample_tau(tgen, b, tau_min, tau_max).to(x)
@@ -134,8 +136,11 @@ def generator_loss(
     with torch.no_grad():
         fake = obj.x0_from_velocity(x_tau, tau, cond.velocity(critic, x_tau, tau))
     if objective == "decoupled-dmd":
-        # CFG-augmentation term at its own re-noise level tau2, distribution matching at tau.
-        tau2 = obj.sample_tau(tgen, b, tau_min, tau_max).to(x)
+        # Liu et al. (arXiv 2511.22677) recommend: distribution matching over the full range
+        # (tau above), the CFG-augmentation term re-noised only at levels below the student's
+        # current step, tau_ca ~ U[tau_min, min(tau_max, sigma_k)) -- the spear sharpens what
+        # this step still has to decide, not what earlier steps fixed.
+        tau2 = obj.sample_tau(tgen, b, *obj.ca_tau_range(tau_min, tau_max, student_sigma)).to(x)
         eps2 = torch.randn(x.shape, generator=gen).to(x)
         x_tau2 = obj.add_noise(x.detach(), eps2, tau2)
         with torch.no_grad():
@@ -144,14 +149,17 @@ def generator_loss(
             real_u2 = obj.x0_from_velocity(x_tau2, tau2, cond.velocity(teacher.model, x_tau2, tau2, uncond=True))
         grad = obj.decoupled_dmd_gradient(x.detach(), fake, real_c, real_c2, real_u2, teacher.cfg_scale)
         real = real_c
+        extra = {"tau_ca_max": float(tau2.max())}
     else:
         real = teacher_x0(teacher, cond, x_tau, tau)
         grad = obj.dmd_gradient(x.detach(), fake, real)
+        extra = {}
     loss = obj.dmd_loss(x, grad)
     stats = {
         "dm_grad_norm": float(grad.flatten(1).norm(dim=1).mean()),
         "fake_real_gap": float((fake - real).abs().mean()),
         "tau_mean": float(tau.mean()),
+        **extra,
     }
     return loss, stats
 

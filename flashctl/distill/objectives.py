@@ -161,6 +161,19 @@ def gan_discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor)
     return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
 
 
+def ca_tau_range(tau_min: float, tau_max: float, student_sigma: float) -> tuple[float, float]:
+    """Decoupled-DMD's re-noise range of the CFG-augmentation term: [tau_min, min(tau_max, sigma_k)).
+
+    Below the student step's input level sigma_k (Liu et al. 2025's recommended schedule). When
+    sigma_k <= tau_min there is no room below it; the range then collapses to a sliver just
+    above tau_min rather than silently using the full range.
+    """
+    high = min(tau_max, student_sigma)
+    if high <= tau_min:
+        high = min(1.0, tau_min + 1e-3)
+    return tau_min, high
+
+
 def sample_tau(generator: torch.Generator, batch: int, tau_min: float, tau_max: float) -> torch.Tensor:
     """Per-sample re-noise levels tau ~ U[tau_min, tau_max), shape (batch,), on the generator's device."""
     if not 0.0 <= tau_min < tau_max <= 1.0:
