@@ -264,6 +264,7 @@ def distill(
         "  flashctl ablate experiments/tiny-cpu.yaml --factor task-mixture\n\n"
         "  flashctl ablate experiments/tiny-cpu.yaml --factor teacher-guidance --levels single,stepwise --parallel 2\n\n"
         "  flashctl ablate experiments/tiny-cpu.yaml --factor task-mixture --factor teacher-guidance --dry-run\n\n"
+        "  flashctl ablate experiments/tiny-cpu.yaml --factor task-mixture --seeds 3\n\n"
         "  flashctl ablate experiments/tiny-cpu.yaml --factor task-mixture --resume"
     ),
 )
@@ -277,13 +278,15 @@ def ablate(
     resume: bool = typer.Option(False, help="Continue an existing grid: skip FINISHED cells, re-run the rest."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the cells and their exact commands; run nothing."),
     no_wait: bool = typer.Option(False, "--no-wait", help="Slurm: submit the array and return; --resume waits later."),
+    seeds: int = typer.Option(1, min=1, help="Repeat every cell over N training seeds (report: mean ± spread, "
+                                            "paired tests on row and seed)."),
 ) -> None:
     """Sweep recipe factors: one MLflow parent run per grid, one child run (a distill job) per cell."""
     from flashctl.ablate import ablate as run_ablate
 
     spec_path, overrides = split_spec_args(args)
     result = run_ablate(spec_path, overrides, factor, levels.split(",") if levels else None,
-                        parallel=parallel, resume=resume, dry_run=dry_run, wait=not no_wait,
+                        parallel=parallel, resume=resume, dry_run=dry_run, wait=not no_wait, seeds=seeds,
                         console=out if dry_run else console)
     if not dry_run and not result.ok:
         raise typer.Exit(1)

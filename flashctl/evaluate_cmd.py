@@ -39,14 +39,18 @@ def run_evaluate(spec: ExperimentSpec, model: str, nfe: int, cfg: float, out_dir
         table.add_row(f"t2i / {cat}", str(v["n"]), f"{v['accuracy']:.3f}")
     for et, v in summary["by_edit_type"].items():
         table.add_row(f"edit / {et}", str(v["n"]), f"{v['accuracy']:.3f}")
-    table.caption = f"{summary['sec_per_image'] * 1000:.1f} ms per image; images and results.json in {out_dir}"
+    table.caption = (f"{summary['sec_per_image'] * 1000:.1f} ms per image end to end "
+                     f"({summary['denoise_sec_per_image'] * 1000:.1f} ms denoising); images and results.json in {out_dir}")
     if track and spec.tracking.enabled:
-        from flashctl.track import Tracker
+        from flashctl.track import KIND_EVALUATE, TAG_KIND, Tracker, eval_metric
 
-        tracker = Tracker(spec.tracking, out_dir, f"evaluate-{name}", tags={"flashctl.kind": "evaluate"})
+        tracker = Tracker(spec.tracking, out_dir, f"evaluate-{name}", tags={TAG_KIND: KIND_EVALUATE})
         tracker.start()
         tracker.log_params_once({"model": model, "nfe": nfe, "cfg": cfg})
-        tracker.log_metrics({k.replace("eval/model/", "eval/"): v for k, v in res["metrics"].items()}, 0)
+        # one model per run: `eval/model/t2i_acc` is logged as the run's own `eval/t2i_acc`
+        prefix = eval_metric("model", "")
+        tracker.log_metrics({eval_metric(None, k[len(prefix):]) if k.startswith(prefix) else k: v
+                             for k, v in res["metrics"].items()}, 0)
         tracker.log_artifact(out_dir / "results.json")
         tracker.finish()
     return table

@@ -2,7 +2,8 @@
 
 Reads MLflow only through `MlflowClient`: the grid's parent run (`flashctl.kind=grid`), its child
 runs (one per cell, tagged with their levels) and what the distill job logged into them (the
-metric contract below, `eval/images/{model}/{row_id}.png`, `eval/results.json`).
+columns below, `eval/images/{model}/{row_id}.png`, `eval/results.json`). Tag, metric and artifact
+names come from `flashctl.track`, the contract the writers use too.
 
 Outputs: terminal tables (one per factor: rows = levels, best value per column starred), and in
 the output folder a self-contained `report.html` (plots and images embedded as base64 PNG),
@@ -23,28 +24,41 @@ import math
 import os
 import tempfile
 from collections.abc import Iterable, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from flashctl.ablate import (
+from flashctl.errors import UserError
+from flashctl.findings import METRICS, SEED_FACTOR, FactorFinding, factor_finding, group_outcomes
+from flashctl.io import atomic_write_text
+from flashctl.shapes.scene import CATEGORIES as T2I_CATEGORIES
+from flashctl.shapes.scene import EDIT_TYPES
+from flashctl.system import environ
+from flashctl.track import (
+    EVAL_IMAGES,
+    EVAL_RESULTS,
+    EVAL_SPEEDUP,
+    KIND_GRID,
     TAG_CELL,
     TAG_FACTORS,
     TAG_GRID,
-    TAG_HASH,
     TAG_KIND,
     TAG_LEVEL_OF,
     TAG_LEVELS,
-    TAG_PARENT,
+    eval_metric,
+    grid_filter,
+    hash_tag,
+    list_children,
 )
-from flashctl.errors import UserError
-from flashctl.io import atomic_write_text
 
 FORMATS = ("html", "csv", "md")
-T2I_CATEGORIES = ("object", "scene", "text")
-EDIT_TYPES = ("recolour", "remove", "add", "move", "background")
+M = "{m}"  # the model in a per-model column key: `Column.metric(model)` fills it in
+
+
+def per_model(*what: str) -> str:
+    """Column key of a per-model eval metric (`eval/{m}/t2i_acc`)."""
+    return eval_metric(M, *what)
 
 
 @dataclass(frozen=True)
@@ -62,18 +76,18 @@ class Column:
 
     @property
     def per_model(self) -> bool:
-        return "{m}" in self.key
+        return M in self.key
 
 
 COLUMNS: tuple[Column, ...] = (
-    *(Column(f"eval/{{m}}/t2i/{c}", c, "T2I accuracy (%)", "max", "acc") for c in T2I_CATEGORIES),
-    Column("eval/{m}/t2i_acc", "T2I", "T2I accuracy (%)", "max", "acc"),
-    *(Column(f"eval/{{m}}/edit/{e}", e, "Edit accuracy (%)", "max", "acc") for e in EDIT_TYPES),
-    Column("eval/{m}/edit_acc", "edit", "Edit accuracy (%)", "max", "acc"),
-    Column("eval/retention/t2i", "T2I", "Retention vs teacher", "max", "ratio"),
-    Column("eval/retention/edit", "edit", "Retention vs teacher", "max", "ratio"),
-    Column("eval/{m}/nfe", "NFE", "Cost", "min", "nfe"),
-    Column("eval/speedup", "speed-up", "Cost", "max", "x"),
+    *(Column(per_model("t2i", c), c, "T2I accuracy (%)", "max", "acc") for c in T2I_CATEGORIES),
+    Column(per_model("t2i_acc"), "T2I", "T2I accuracy (%)", "max", "acc"),
+    *(Column(per_model("edit", e), e, "Edit accuracy (%)", "max", "acc") for e in EDIT_TYPES),
+    Column(per_model("edit_acc"), "edit", "Edit accuracy (%)", "max", "acc"),
+    Column(eval_metric("retention", "t2i"), "T2I", "Retention vs teacher", "max", "ratio"),
+    Column(eval_metric("retention", "edit"), "edit", "Retention vs teacher", "max", "ratio"),
+    Column(per_model("nfe"), "NFE", "Cost", "min", "nfe"),
+    Column(EVAL_SPEEDUP, "speed-up", "Cost", "max", "x"),
     Column("train/time_s", "train time", "Cost", "min", "s"),
 )
 TRAIN_CURVES = ("train/loss_generator", "train/loss_critic")
@@ -124,10 +138,6 @@ def store_uri(tracking_uri: str | None = None) -> str:
     return uri
 
 
-def _grid_filter() -> str:
-    return f"tags.`{TAG_KIND}` = 'grid'"
-
-
 def find_grid(client, parent: str | None = None, experiment: str | None = None) -> GridRuns:
     """The grid of run `parent`, else the latest grid parent in `experiment` (or in any)."""
     from mlflow.exceptions import MlflowException
@@ -138,8 +148,8 @@ def find_grid(client, parent: str | None = None, experiment: str | None = None) 
             run = client.get_run(parent)
         except MlflowException:
             raise UserError(f"--parent: no run {parent!r} in {uri}") from None
-        if run.data.tags.get(TAG_KIND) != "grid":
-            raise UserError(f"--parent: run {parent} is not an ablation grid parent (no {TAG_KIND}=grid tag)")
+        if run.data.tags.get(TAG_KIND) != KIND_GRID:
+            raise UserError(f"--parent: run {parent} is not an ablation grid parent (no {TAG_KIND}={KIND_GRID} tag)")
     else:
         if experiment:
             exp = client.get_experiment_by_name(experiment)
@@ -148,7 +158,7 @@ def find_grid(client, parent: str | None = None, experiment: str | None = None) 
             exp_ids = [exp.experiment_id]
         else:
             exp_ids = [e.experiment_id for e in client.search_experiments()]
-        runs = client.search_runs(exp_ids, filter_string=_grid_filter(),
+        runs = client.search_runs(exp_ids, filter_string=grid_filter(),
                                   order_by=["attributes.start_time DESC"], max_results=1) if exp_ids else []
         if not runs:
             where = f"experiment {experiment!r}" if experiment else uri
@@ -161,8 +171,7 @@ def find_grid(client, parent: str | None = None, experiment: str | None = None) 
         levels = {f: list(v) for f, v in json.loads(tags.get(TAG_LEVELS, "{}")).items()}
     except json.JSONDecodeError:
         levels = {}
-    children = client.search_runs([exp_id], filter_string=f"tags.`{TAG_PARENT}` = '{run.info.run_id}'",
-                                  order_by=["attributes.start_time ASC"], max_results=5000)
+    children = list_children(client, exp_id, run.info.run_id)
     by_key: dict[str, CellRun] = {}
     for child in children:
         ctags = child.data.tags
@@ -173,7 +182,7 @@ def find_grid(client, parent: str | None = None, experiment: str | None = None) 
                 levels[f].append(lv)
         key = ctags.get(TAG_CELL) or child.info.run_id
         by_key[key] = CellRun(child.info.run_id, child.info.run_name or key, child.info.status, cell_levels,
-                              dict(child.data.metrics), ctags.get(TAG_HASH, ""))  # newest wins
+                              dict(child.data.metrics), hash_tag(ctags))  # newest wins
     order = {f: {lv: i for i, lv in enumerate(levels.get(f, []))} for f in factors}
     cells = sorted(by_key.values(), key=lambda c: tuple(order[f].get(c.levels.get(f, ""), 1 << 30) for f in factors))
     exp = client.get_experiment(exp_id)
@@ -243,7 +252,7 @@ def _reference_rows(cells: Sequence[CellRun]) -> list[Row]:
     for model in ("teacher", "teacher_fast"):
         vals = [_mean(v) for v in zip(*(_cell_values(c, model) for c in done))] if done else []
         if any(v is not None for v in vals):
-            nfe = vals[[c.key for c in COLUMNS].index("eval/{m}/nfe")]
+            nfe = vals[[c.key for c in COLUMNS].index(per_model("nfe"))]
             label = "teacher" + (f" {nfe:g} NFE" if nfe is not None else (" (few steps)" if model == "teacher_fast" else ""))
             rows.append(Row(label, vals, "reference", reference=True))
     return rows
@@ -272,7 +281,7 @@ def factor_tables(grid: GridRuns) -> list[ResultTable]:
     factors), plus an all-cells table for multi-factor grids; teacher rows as reference."""
     refs = _reference_rows(grid.cells)
     tables = []
-    for f in grid.factors:
+    for f in (f for f in grid.factors if f != SEED_FACTOR):  # repeats over seeds are pooled, not compared
         rows = []
         for lv in grid.levels.get(f, []):
             at = [c for c in grid.cells if c.levels.get(f) == lv]
@@ -327,11 +336,11 @@ def terminal_tables(table: ResultTable) -> list:
     from rich.table import Table
 
     keys = [c.key for c in table.columns]
-    split = keys.index("eval/{m}/edit_acc") + 1
+    split = keys.index(per_model("edit_acc")) + 1
     parts = [
         (f"{table.title}: accuracy (%) per T2I category and edit type", list(range(split)), False),
         (f"{table.title}: overall, retention vs teacher, cost",
-         [keys.index("eval/{m}/t2i_acc"), keys.index("eval/{m}/edit_acc")] + list(range(split, len(keys))), True),
+         [keys.index(per_model("t2i_acc")), keys.index(per_model("edit_acc"))] + list(range(split, len(keys))), True),
     ]
     out = []
     for title, idx, with_status in parts:
@@ -435,10 +444,11 @@ def level_plot(table: ResultTable) -> bytes:
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 6.4), sharex=True)
     panels = [
-        (axes[0, 0], "Overall accuracy", [("eval/{m}/t2i_acc", "T2I"), ("eval/{m}/edit_acc", "edit")], True),
-        (axes[0, 1], "Retention vs teacher", [("eval/retention/t2i", "T2I"), ("eval/retention/edit", "edit")], False),
-        (axes[1, 0], "T2I accuracy per category", [(f"eval/{{m}}/t2i/{c}", c) for c in T2I_CATEGORIES], False),
-        (axes[1, 1], "Edit accuracy per type", [(f"eval/{{m}}/edit/{e}", e) for e in EDIT_TYPES], False),
+        (axes[0, 0], "Overall accuracy", [(per_model("t2i_acc"), "T2I"), (per_model("edit_acc"), "edit")], True),
+        (axes[0, 1], "Retention vs teacher",
+         [(eval_metric("retention", "t2i"), "T2I"), (eval_metric("retention", "edit"), "edit")], False),
+        (axes[1, 0], "T2I accuracy per category", [(per_model("t2i", c), c) for c in T2I_CATEGORIES], False),
+        (axes[1, 1], "Edit accuracy per type", [(per_model("edit", e), e) for e in EDIT_TYPES], False),
     ]
     for ax, title, lines, with_teacher in panels:
         for _n, (key, label) in enumerate(lines):
@@ -530,25 +540,11 @@ def _rows_from_results(obj: Any) -> dict[str, dict[str, Any]]:
     return found
 
 
-@contextmanager
-def _no_progress_bars():
-    """MLflow draws a tqdm bar per download; a report downloads dozens of folders."""
-    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
-    old = os.environ.get(key)
-    os.environ[key] = "false"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = old
-
-
 def _download(client, run_id: str, path: str, dst: Path) -> Path | None:
     """Download a run's artifact (file or folder) into `dst`; None when absent/unreadable."""
     try:
-        with _no_progress_bars():
+        # MLflow draws a tqdm bar per download; a report downloads dozens of folders
+        with environ(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false"):
             if not client.list_artifacts(run_id, path) and "." not in Path(path).name:
                 return None
             return Path(client.download_artifacts(run_id, path, str(dst)))
@@ -587,13 +583,13 @@ def collect_qualitative(client, grid: GridRuns, per_task: int = 6) -> Qualitativ
     done = _finished(grid.cells) or grid.cells
     with tempfile.TemporaryDirectory(prefix="flashctl-report-") as tmp:
         tmp = Path(tmp)
-        students = {c.run_id: _artifact_pngs(client, c.run_id, "eval/images/student", tmp / c.run_id) for c in done}
+        students = {c.run_id: _artifact_pngs(client, c.run_id, f"{EVAL_IMAGES}/student", tmp / c.run_id) for c in done}
         teacher, source, meta = {}, {}, {}
         for c in done:
-            teacher = _artifact_pngs(client, c.run_id, "eval/images/teacher", tmp / c.run_id)
+            teacher = _artifact_pngs(client, c.run_id, f"{EVAL_IMAGES}/teacher", tmp / c.run_id)
             if teacher:
-                source = _artifact_pngs(client, c.run_id, "eval/images/source", tmp / c.run_id)
-                path = _download(client, c.run_id, "eval/results.json", tmp / c.run_id)
+                source = _artifact_pngs(client, c.run_id, f"{EVAL_IMAGES}/source", tmp / c.run_id)
+                path = _download(client, c.run_id, EVAL_RESULTS, tmp / c.run_id)
                 try:
                     meta = _rows_from_results(json.loads(path.read_text())) if path else {}
                 except (OSError, ValueError):  # unreadable results: label rows by id
@@ -632,6 +628,8 @@ h1{font-size:24px;margin:0 0 4px} h2{font-size:19px;margin:32px 0 8px;border-bot
 h3{font-size:15px;margin:18px 0 6px;color:#3b4452}
 .meta{color:#5b6575;font-size:13px;margin:0 0 12px} code{background:#f1f3f6;padding:1px 4px;border-radius:3px}
 nav a{margin-right:14px;font-size:13px}
+.verdict{font-size:12px;padding:2px 8px;border-radius:10px;margin-left:8px;background:#eef0f3;color:#3b4452}
+.verdict.agree{background:#dff3e4;color:#1b6b33} .verdict.disagree{background:#fbe3e1;color:#9b2c22}
 table.results{border-collapse:collapse;font-size:13px;margin:6px 0 10px}
 table.results th,table.results td{border:1px solid #dde1e8;padding:4px 7px;text-align:right;white-space:nowrap}
 table.results th{background:#f5f7fa;font-weight:600} table.results td.lbl,table.results th.lbl{text-align:left}
@@ -706,7 +704,8 @@ def html_qualitative(q: Qualitative) -> str:
 
 
 def render_html(grid: GridRuns, tables: Sequence[ResultTable], plots: dict[str, bytes],
-                curves_png: bytes | None, qual: Qualitative | None) -> str:
+                curves_png: bytes | None, qual: Qualitative | None,
+                findings: Sequence[FactorFinding] = ()) -> str:
     """The whole report as one self-contained HTML document."""
     e = html.escape
     finished = len(_finished(grid.cells))
@@ -719,10 +718,13 @@ def render_html(grid: GridRuns, tables: Sequence[ResultTable], plots: dict[str, 
          f" · {finished}/{len(grid.cells)} cells finished · store <code>{e(grid.uri)}</code> · {when}</p>"),
         ('<p class="meta">Student = 4-NFE distilled model; accuracy = shapes-verifier accuracy in %; retention = '
          "student / teacher accuracy; speed-up = teacher / student seconds per image. ★ = best level per column.</p>"),
-        "<nav>" + "".join(f'<a href="#t{i}">{e(t.title)}</a>' for i, t in enumerate(tables))
+        "<nav>" + ('<a href="#findings">findings</a>' if findings else "")
+        + "".join(f'<a href="#t{i}">{e(t.title)}</a>' for i, t in enumerate(tables))
         + ('<a href="#training">training curves</a>' if curves_png else "")
         + ('<a href="#qualitative">qualitative</a>' if qual else "") + "</nav>",
     ]
+    if findings:
+        parts.append(findings_html(findings))
     for i, table in enumerate(tables):
         parts.append(f'<h2 id="t{i}">{e(table.title)}</h2>')
         parts.append(html_table(table))
@@ -746,6 +748,123 @@ def render_html(grid: GridRuns, tables: Sequence[ResultTable], plots: dict[str, 
                      f'<td class="lbl"><code>{e(c.run_id)}</code></td><td class="lbl"><code>{e(c.spec_hash)}</code></td>'
                      f'<td class="status {e(c.status.lower())}">{e(c.status.lower())}</td></tr>')
     parts.append("</tbody></table></body></html>\n")
+    return "".join(parts)
+
+
+# --------------------------------------------------------------------------------------------
+# Findings: intervals, paired tests, the paper's claims
+
+
+def collect_outcomes(client, grid: GridRuns) -> list[tuple[dict[str, str], list[dict[str, Any]]]]:
+    """(levels, the student's per-row verifier results) of every finished cell, from its
+    `eval/results.json` (cells without one are left out)."""
+    out = []
+    with tempfile.TemporaryDirectory(prefix="flashctl-report-") as tmp:
+        for c in _finished(grid.cells):
+            path = _download(client, c.run_id, EVAL_RESULTS, Path(tmp) / c.run_id)
+            try:
+                rows = json.loads(path.read_text())["models"]["student"]["per_row"] if path else None
+            except (OSError, ValueError, KeyError, TypeError):
+                rows = None
+            if isinstance(rows, list):
+                out.append((dict(c.levels), [r for r in rows if isinstance(r, dict)]))
+    return out
+
+
+def grid_findings(grid: GridRuns, outcomes) -> list[FactorFinding]:
+    """One finding per factor of the grid (the seed pseudo-factor pools, it is not a factor)."""
+    found = []
+    for f in grid.factors:
+        if f == SEED_FACTOR:
+            continue
+        pooled, seeds = group_outcomes(outcomes, f, grid.factors)
+        pooled = {m: v for m, v in pooled.items() if v}
+        if pooled:
+            found.append(factor_finding(f, pooled, seeds))
+    return found
+
+
+def _ci(r) -> str:
+    iv = r.interval
+    text = f"{100 * iv.estimate:.1f} [{100 * iv.low:.1f}, {100 * iv.high:.1f}] n={iv.n}"
+    if r.seeds is not None:
+        text += f"; seeds {100 * r.seeds.mean:.1f} ± {100 * r.seeds.std:.1f}"
+    return text
+
+
+def findings_rows(finding: FactorFinding) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of a factor's findings table: per level, accuracy [95% CI] and the
+    McNemar p-value against the best level, for each outcome group."""
+    metrics = list(finding.metrics.values())
+    header = [finding.factor] + [f"{METRICS[m.metric]} % [95% CI]" for m in metrics] + \
+             [f"p vs best ({METRICS[m.metric].split(' (')[0]})" for m in metrics]
+    levels = list(dict.fromkeys(r.level for m in metrics for r in m.levels))
+    rows = []
+    for lv in levels:
+        cells, ps = [lv], []
+        for m in metrics:
+            r = next((r for r in m.levels if r.level == lv), None)
+            cells.append("—" if r is None else _ci(r) + (" ★" if lv == m.best else ""))
+            t = m.tests.get(lv)
+            ps.append("best" if lv == m.best else ("—" if t is None else f"{t.p_value:.3g}"))
+        rows.append(cells + ps)
+    return header, rows
+
+
+def finding_lines(finding: FactorFinding) -> list[str]:
+    """Plain sentences: one per outcome group, then the comparison with the paper."""
+    lines = [m.sentence() for m in finding.metrics.values()]
+    if finding.paper:
+        lines.append(f"Paper: {finding.paper.claim}. This run: {finding.verdict.upper()}"
+                     + (f" ({finding.why})." if finding.why else "."))
+    return lines
+
+
+def print_findings(findings: Sequence[FactorFinding], console) -> None:
+    from rich.table import Table
+
+    from flashctl.term import show
+
+    for f in findings:
+        header, rows = findings_rows(f)
+        t = Table(title=f"{f.factor}: findings (student; Wilson 95% intervals, exact McNemar on the same rows and seeds)",
+                  title_justify="left")
+        for i, h in enumerate(header):
+            t.add_column(h, justify="left" if i == 0 else "right")
+        for r in rows:
+            t.add_row(*r)
+        show(console, t)
+        for line in finding_lines(f):
+            console.print(line, highlight=False, markup=False)
+
+
+def findings_markdown(findings: Sequence[FactorFinding]) -> str:
+    lines = ["## Findings", "",
+             "Student accuracy with Wilson 95% intervals; p = exact McNemar test against the best level on "
+             "the same eval rows and seeds; ★ = best.", ""]
+    for f in findings:
+        header, rows = findings_rows(f)
+        lines += [f"### {f.factor}", "", "| " + " | ".join(_md_escape(h) for h in header) + " |",
+                  "|---" + "|---:" * (len(header) - 1) + "|"]
+        lines += ["| " + " | ".join(_md_escape(c) for c in r) + " |" for r in rows]
+        lines += [""] + [f"- {_md_escape(x)}" for x in finding_lines(f)] + [""]
+    return "\n".join(lines)
+
+
+def findings_html(findings: Sequence[FactorFinding]) -> str:
+    e = html.escape
+    parts = ['<h2 id="findings">Findings</h2><p class="meta">Student accuracy with Wilson 95% intervals; '
+             "p = exact McNemar test against the best level on the same eval rows and seeds; ★ = best.</p>"]
+    for f in findings:
+        header, rows = findings_rows(f)
+        verdict = f'<span class="verdict {e(f.verdict.replace(" ", "-"))}">{e(f.verdict)}</span>'
+        parts.append(f"<h3>{e(f.factor)} {verdict}</h3><table class=\"results\"><thead><tr>"
+                     + "".join(f'<th class="{"lbl" if i == 0 else ""}">{e(h)}</th>' for i, h in enumerate(header))
+                     + "</tr></thead><tbody>")
+        for r in rows:
+            parts.append("<tr>" + "".join(f'<td class="{"lbl" if i == 0 else ""}">{e(c)}</td>' for i, c in enumerate(r))
+                         + "</tr>")
+        parts.append("</tbody></table><ul>" + "".join(f"<li>{e(x)}</li>" for x in finding_lines(f)) + "</ul>")
     return "".join(parts)
 
 
@@ -805,6 +924,8 @@ def make_report(
     console.print(f"grid {grid.grid_id} (parent run {grid.parent_id}, experiment {grid.experiment_name!r}): "
                   f"{len(_finished(grid.cells))}/{len(grid.cells)} cells finished", highlight=False)
     print_tables(tables, console)
+    findings = grid_findings(grid, collect_outcomes(client, grid))
+    print_findings(findings, console)
 
     out_dir = Path(out) if out else Path("reports") / grid.grid_id
     files: dict[str, Path] = {}
@@ -815,13 +936,14 @@ def make_report(
             files[f"csv:{table.factor or 'cells'}"] = path
     if "md" in fmts:
         files["md"] = out_dir / "report.md"
-        atomic_write_text(files["md"], tables_markdown(grid, tables))
+        atomic_write_text(files["md"], tables_markdown(grid, tables) + "\n" + findings_markdown(findings))
     if "html" in fmts:
         plots = {t.factor: level_plot(t) for t in tables if t.factor}
         curves = training_curves(client, grid)
         qual = collect_qualitative(client, grid, images_per_task)
         files["html"] = out_dir / "report.html"
-        atomic_write_text(files["html"], render_html(grid, tables, plots, training_plot(curves) if curves else None, qual))
+        atomic_write_text(files["html"], render_html(grid, tables, plots, training_plot(curves) if curves else None, qual,
+                                                       findings))
     for path in files.values():
         console.print(f"wrote {path}", highlight=False)
     return ReportResult(grid, tables, files)

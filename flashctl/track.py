@@ -1,8 +1,14 @@
-"""MLflow tracking: runs (parent/child), params written once, batched metrics, lineage.
+"""MLflow tracking: the contract (tag names, run kinds, metric names, parent/child look-ups),
+runs with params written once, batched metrics, lineage.
+
+The contract is what `ablate` writes, the jobs (distill, evaluate, teacher) log and `report`
+reads: every tag and eval metric name is spelt here once, so the three cannot drift apart.
 
 Only rank 0 talks to MLflow; other ranks get a `NullTracker`. A run's MLflow id is kept in its
 run directory (`mlflow_run_id`), or handed in through `MLFLOW_RUN_ID` (ablation children), so
 a resumed job keeps logging into the same run and never re-logs its params.
+
+mlflow is imported inside functions: importing this module costs nothing.
 """
 
 from __future__ import annotations
@@ -16,6 +22,86 @@ from flashctl.io import atomic_write_text
 from flashctl.spec import TrackingSpec
 
 RUN_ID_FILE = "mlflow_run_id"
+
+# --------------------------------------------------------------------------------------------
+# The contract: tags, kinds, metric and artifact names
+
+TAG_KIND = "flashctl.kind"  # what made the run: one of the KIND_* values
+KIND_GRID = "grid"  # the parent run of an ablation grid
+KIND_CELL = "cell"  # a grid's child run (one cell; the distill job logs into it)
+KIND_DISTILL = "distill"  # a `flashctl distill` run outside a grid
+KIND_EVALUATE = "evaluate"
+KIND_TEACHER = "teacher"
+
+TAG_HASH = "flashctl.spec_hash"  # `spec.spec_hash` of the resolved spec (grid child, distill job)
+LEGACY_TAG_HASH = "spec_hash"  # what distill jobs tagged before the contract had one name
+TAG_GRID = "flashctl.grid_id"
+TAG_FACTORS = "flashctl.factors"  # parent: factors joined by ","
+TAG_LEVELS = "flashctl.levels"  # parent: JSON {factor: [level, ...]} in grid order
+TAG_SPEC = "flashctl.spec"  # parent: the spec file (or "<default>")
+TAG_OVERRIDES = "flashctl.overrides"  # parent: the CLI overrides
+TAG_CELLS = "flashctl.cells"  # parent: number of cells
+TAG_FACTOR = "flashctl.factor"  # child: factors joined by ","
+TAG_LEVEL = "flashctl.level"  # child: levels joined by ","
+TAG_LEVEL_OF = "flashctl.level."  # child: + factor -> that factor's level
+TAG_CELL = "flashctl.cell"  # child: "factor=level,factor=level"
+TAG_ATTEMPTS = "flashctl.attempts"
+TAG_EXIT = "flashctl.exit_code"
+TAG_PARENT = "mlflow.parentRunId"
+TAG_ARRAY = "flashctl.slurm_array"  # parent: job id of the grid's latest Slurm array
+TAG_TASK = "flashctl.slurm_task"  # child: "<array job id>_<task index>"
+TAG_SLURM_STATE = "flashctl.slurm_state"  # child: the Slurm state its task ended in
+
+EVAL_IMAGES = "eval/images"  # artifact folder: eval/images/{model}/{row id}.png
+EVAL_RESULTS = "eval/results.json"  # artifact: every model's per-row results
+
+
+def eval_metric(model: str | None, *what: str) -> str:
+    """`eval/{model}/{what...}`: the name of an eval metric (`eval_metric("student", "t2i_acc")`).
+
+    `model` is a model under test (`student`, `teacher`, ...), `retention` (student / teacher),
+    or None for a run-level metric (`eval/speedup`; a `flashctl evaluate` run's own metrics).
+    One function so that the evaluation, the jobs and `report` name every metric alike."""
+    return "/".join(["eval", *([model] if model else []), *what])
+
+
+EVAL_SPEEDUP = eval_metric(None, "speedup")  # teacher / student seconds per image
+
+
+def hash_tag(tags: dict[str, str]) -> str:
+    """A run's spec hash: `flashctl.spec_hash`, or the bare `spec_hash` older jobs wrote."""
+    return tags.get(TAG_HASH) or tags.get(LEGACY_TAG_HASH, "")
+
+
+def grid_filter(grid_id: str | None = None) -> str:
+    """MLflow filter string for grid parents (of `grid_id` only, when given)."""
+    kind = f"tags.`{TAG_KIND}` = '{KIND_GRID}'"
+    return kind if grid_id is None else f"tags.`{TAG_GRID}` = '{grid_id}' and {kind}"
+
+
+def find_parent(client, experiment_id: str, grid_id: str):
+    """The parent run of `grid_id` in the experiment (oldest if several), or None."""
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=grid_filter(grid_id),
+        order_by=["attributes.start_time ASC"],
+        max_results=10,
+    )
+    return runs[0] if runs else None
+
+
+def list_children(client, experiment_id: str, parent_id: str) -> list:
+    """Child runs of a parent, oldest first."""
+    return client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{TAG_PARENT}` = '{parent_id}'",
+        order_by=["attributes.start_time ASC"],
+        max_results=5000,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Stores and runs
 
 
 def resolve_uri(uri: str, base: Path | None = None) -> str:

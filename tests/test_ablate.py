@@ -21,6 +21,16 @@ from rich.console import Console
 from conftest import EXPERIMENTS
 from flashctl.ablate import (
     DEFAULT_LEVELS,
+    ablate,
+    cell_command,
+    execution_overrides,
+    plan_grid,
+    run_grid,
+    slug,
+)
+from flashctl.errors import UserError
+from flashctl.spec import load_spec, spec_hash
+from flashctl.track import (
     TAG_ATTEMPTS,
     TAG_CELL,
     TAG_EXIT,
@@ -31,15 +41,7 @@ from flashctl.ablate import (
     TAG_LEVEL,
     TAG_LEVELS,
     TAG_PARENT,
-    ablate,
-    cell_command,
-    execution_overrides,
-    plan_grid,
-    run_grid,
-    slug,
 )
-from flashctl.errors import UserError
-from flashctl.spec import load_spec, spec_hash
 
 TINY = str(EXPERIMENTS / "tiny-cpu.yaml")
 
@@ -106,6 +108,18 @@ def test_two_factors_expand_to_the_cartesian_product(workdir):
         plan_grid(TINY, ["mixture.t2i=2"], ["task-mixture"])
 
 
+def test_seeds_repeat_every_cell_with_its_own_training_seed(workdir):
+    grid = plan_grid(TINY, ["distill.steps=7", "distill.seed=10"], ["task-mixture"], seeds=2)
+    assert grid.factors == ("task-mixture", "seed") and len(grid.cells) == 6
+    assert grid.cells[1].key == "task-mixture=9:1,seed=11"
+    seeds = {load_spec(TINY, ["distill.steps=7", "distill.seed=10", *c.override_args()]).distill.seed for c in grid.cells}
+    assert seeds == {10, 11} and len({c.spec_hash for c in grid.cells}) == 6
+    assert plan_grid(TINY, ["distill.steps=7"], ["task-mixture"]).grid_id != plan_grid(
+        TINY, ["distill.steps=7"], ["task-mixture"], seeds=2).grid_id
+    with pytest.raises(UserError, match="not a factor"):
+        plan_grid(TINY, [], ["seed"])
+
+
 def test_default_command_runs_exactly_the_cells_recipe(workdir):
     grid = plan_grid(TINY, ["distill.steps=7"], ["data-composition"])
     for cell in grid.cells:
@@ -115,7 +129,7 @@ def test_default_command_runs_exactly_the_cells_recipe(workdir):
         assert spec_hash(resolved) == cell.spec_hash
         assert resolved.run_dir() == grid.cell_run_dir(cell)
         assert resolved.tracking.uri == "http://127.0.0.1:1"
-    ports = {load_spec(TINY, execution_overrides(grid, c, "x", 3)).launch.master_port for c in grid.cells}
+    ports = {load_spec(TINY, execution_overrides(grid, c, "http://127.0.0.1:1", 3)).launch.master_port for c in grid.cells}
     assert len(ports) == len(grid.cells)  # cells running at once never share a rendezvous port
 
 

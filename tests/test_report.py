@@ -12,7 +12,9 @@ import pytest
 from PIL import Image, ImageDraw
 from rich.console import Console
 
-from flashctl.ablate import (
+from flashctl.errors import UserError
+from flashctl.report import COLUMNS, EDIT_TYPES, T2I_CATEGORIES, best_rows, make_report
+from flashctl.track import (
     TAG_CELL,
     TAG_FACTOR,
     TAG_FACTORS,
@@ -24,8 +26,6 @@ from flashctl.ablate import (
     TAG_LEVELS,
     TAG_PARENT,
 )
-from flashctl.errors import UserError
-from flashctl.report import COLUMNS, EDIT_TYPES, T2I_CATEGORIES, best_rows, make_report
 
 ROWS = [  # (row id, task, kind, prompt)
     ("shapes-eval-1234-t2i-0", "t2i", "object", "a red circle on a white background"),
@@ -34,6 +34,7 @@ ROWS = [  # (row id, task, kind, prompt)
     ("shapes-eval-1234-edit-0", "edit", "recolour", "make the circle yellow"),
     ("shapes-eval-1234-edit-1", "edit", "remove", "remove the square"),
 ]
+N_ROWS = 120  # eval rows per task in a cell's results.json
 COLOURS = {"teacher": (200, 40, 40), "9:1": (40, 160, 60), "7:3": (40, 60, 200), "5:5": (220, 160, 0)}
 
 
@@ -95,10 +96,19 @@ def make_grid(uri: str, tmp_path, factors: dict[str, list[str]], results: dict[t
                 for rid_, task, _kind, _ in ROWS:
                     (folder / model / f"{rid_}.png").write_bytes(png(colour, (48, 32) if task == "edit" else (32, 32)))
             client.log_artifacts(rid, str(folder), "eval/images")
-            results_json = {"rows": [{"row_id": r, "task": t, "prompt": p, ("edit_type" if t == "edit" else "category"): k,
-                                      "student": {"correct": True}} for r, t, k, p in ROWS]}
-            (folder / "results.json").write_text(json.dumps(results_json))
-            client.log_artifact(rid, str(folder / "results.json"), "eval")
+        else:
+            folder = tmp_path / f"res{n}"
+            folder.mkdir()
+        # what evaluate writes: per-row verifier results of the student (N_ROWS per task, the first
+        # accuracy * N_ROWS right, so cells agree on their easy rows as real models do)
+        per_row = [{"id": f"row-{task}-{i}", "task": task, "category": "text" if i % 3 == 0 else "object",
+                    "correct": i < round(acc * N_ROWS), "prompt": f"prompt {i}"}
+                   for task, acc in (("t2i", t2i), ("edit", edit)) for i in range(N_ROWS)]
+        results_json = {"rows": [{"row_id": r, "task": t, "prompt": p, ("edit_type" if t == "edit" else "category"): k,
+                                  "student": {"correct": True}} for r, t, k, p in ROWS],
+                        "models": {"student": {"per_row": per_row}}}
+        (folder / "results.json").write_text(json.dumps(results_json))
+        client.log_artifact(rid, str(folder / "results.json"), "eval")
         client.set_terminated(rid, status=(statuses or {}).get(levels, "FINISHED"))
     client.set_terminated(pid, status="FINISHED")
     return pid
@@ -218,3 +228,18 @@ def test_best_rows_ties_and_gaps():
     assert best_rows([3.0, 1.0, 2.0], "min") == {1}
     assert best_rows([4.0, 4.0], "min") == set()
     assert best_rows([None, 0.3], "max") == set()
+
+
+def test_findings_give_intervals_paired_p_values_and_the_paper_verdict(mixture, tmp_path):
+    store, pid, _ = mixture
+    console = quiet()
+    make_report(store, parent=pid, out=tmp_path / "out", formats="md", console=console)
+    text = console.file.getvalue()
+    # 5:5 edits 84/120 right, 7:3 66/120, 9:1 48/120 (the first k rows): 5:5 wins every paired test
+    assert "task-mixture, edit: 5:5 is best (70.0% [61.3, 77.5])" in text
+    assert "beats every other level on the same rows and seeds" in text
+    assert "This run: AGREE (5:5 has the best edit accuracy" in text
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "## Findings" in md and "| 9:1 | 81.7 [73.8, 87.6] n=120 | 40.0 [31.7, 48.9] n=120" in md
+    assert re.search(r"\| 9:1 \|.*\| (\d\.\d+e-\d+|0\.0+\d+) \|", md)  # a tiny McNemar p against 5:5
+

@@ -1,0 +1,126 @@
+"""The grid in MLflow (through `MlflowClient` only; tag names in `flashctl.track`).
+
+One parent run per grid (tags `flashctl.kind=grid`, `flashctl.grid_id`, factors and level
+order), one child per cell (`mlflow.parentRunId`, factor, level, spec hash, grid id). Running a
+grid again finds its parent by grid id: finished children with the same hash are skipped, failed
+or unfinished ones run again under their old run id (the job resumes from the checkpoint in its
+run dir).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from flashctl.ablate.grid import Cell, Grid
+from flashctl.ablate.status import CellState
+from flashctl.errors import UserError
+from flashctl.spec import to_yaml
+from flashctl.track import (
+    KIND_CELL,
+    KIND_GRID,
+    TAG_ATTEMPTS,
+    TAG_CELL,
+    TAG_CELLS,
+    TAG_FACTOR,
+    TAG_FACTORS,
+    TAG_GRID,
+    TAG_HASH,
+    TAG_KIND,
+    TAG_LEVEL,
+    TAG_LEVEL_OF,
+    TAG_LEVELS,
+    TAG_OVERRIDES,
+    TAG_PARENT,
+    TAG_SPEC,
+    find_parent,
+    list_children,
+)
+
+
+def grid_plan_json(grid: Grid) -> dict[str, Any]:
+    """The grid as JSON (logged on the parent as `grid.json`)."""
+    return {
+        "grid_id": grid.grid_id,
+        "spec": grid.spec_path,
+        "overrides": list(grid.overrides),
+        "factors": list(grid.factors),
+        "levels": grid.levels,
+        "cells": [
+            {"index": c.index, "key": c.key, "levels": dict(c.levels), "overrides": c.overrides,
+             "spec_hash": c.spec_hash, "name": c.name}
+            for c in grid.cells
+        ],
+    }
+
+
+def create_parent(client, experiment_id: str, grid: Grid) -> str:
+    """Create the grid's parent run with its tags and `grid.json` / `spec.resolved.yaml`."""
+    tags = {
+        TAG_KIND: KIND_GRID,
+        TAG_GRID: grid.grid_id,
+        TAG_FACTORS: ",".join(grid.factors),
+        TAG_LEVELS: json.dumps(grid.levels),
+        TAG_SPEC: grid.spec_path or "<default>",
+        TAG_OVERRIDES: " ".join(grid.overrides)[:5000],
+        TAG_CELLS: str(len(grid.cells)),
+    }
+    name = "-".join([grid.base_name, "grid"] + list(grid.factors))
+    run = client.create_run(experiment_id, run_name=name, tags=tags)
+    run_id = run.info.run_id
+    client.log_text(run_id, json.dumps(grid_plan_json(grid), indent=2), "grid.json")
+    client.log_text(run_id, to_yaml(grid.base_spec), "spec.resolved.yaml")
+    return run_id
+
+
+def create_child(client, experiment_id: str, parent_id: str, grid: Grid, cell: Cell) -> str:
+    """Create a cell's child run (tags: parent, factor, level, spec hash, grid id)."""
+    tags = {
+        TAG_PARENT: parent_id,
+        TAG_KIND: KIND_CELL,
+        TAG_GRID: grid.grid_id,
+        TAG_FACTOR: ",".join(f for f, _ in cell.levels),
+        TAG_LEVEL: ",".join(lv for _, lv in cell.levels),
+        TAG_CELL: cell.key,
+        TAG_HASH: cell.spec_hash,
+        TAG_ATTEMPTS: "0",
+        **{TAG_LEVEL_OF + f: lv for f, lv in cell.levels},
+    }
+    run = client.create_run(experiment_id, run_name=cell.name, tags=tags)
+    return run.info.run_id
+
+
+def prepare_runs(client, experiment_id: str, grid: Grid, resume: bool) -> tuple[str, list[CellState]]:
+    """Find or create the parent and a child per cell; decide which cells run."""
+    parent = find_parent(client, experiment_id, grid.grid_id)
+    children: dict[str, Any] = {}
+    if parent is not None:
+        for run in list_children(client, experiment_id, parent.info.run_id):
+            if run.data.tags.get(TAG_HASH) is not None:
+                children[run.data.tags.get(TAG_CELL, "")] = run  # newest wins
+        if not resume:
+            done = sum(1 for c in grid.cells if (r := children.get(c.key)) is not None
+                       and r.info.status == "FINISHED" and r.data.tags.get(TAG_HASH) == c.spec_hash)
+            raise UserError(
+                f"grid {grid.grid_id} already has parent run {parent.info.run_id} in experiment "
+                f"{grid.experiment!r} ({done}/{len(grid.cells)} cells finished): pass --resume to "
+                f"continue it (finished cells are skipped)"
+            )
+        parent_id = parent.info.run_id
+    else:
+        parent_id = create_parent(client, experiment_id, grid)
+    states = []
+    for cell in grid.cells:
+        run = children.get(cell.key)
+        state = CellState(cell, log=grid.cell_log(cell))
+        if run is not None and run.data.tags.get(TAG_HASH) == cell.spec_hash:
+            state.run_id = run.info.run_id
+            if run.info.status == "FINISHED":
+                state.status = "skipped"
+            else:
+                state.resumed = True
+        else:
+            state.run_id = create_child(client, experiment_id, parent_id, grid, cell)
+        states.append(state)
+    return parent_id, states
+

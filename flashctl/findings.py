@@ -1,0 +1,201 @@
+"""What a grid found: per factor, each level's accuracy with its interval, the best level, whether
+it beats the others on the same rows and seeds, and how that compares with the paper.
+
+Pure: inputs are per-row verifier outcomes of each cell's student (from its `eval/results.json`),
+keyed so that the same key means the same eval row, sampled with the same seed, in a cell that
+differs only in the factor being compared. Intervals are Wilson, comparisons exact McNemar
+(`flashctl.stats`). A level "wins" a task only when it has the highest accuracy AND every paired
+test against another level gives p < `ALPHA`; otherwise the finding says the levels cannot be
+told apart at this eval size, which is a result, not a failure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from flashctl.stats import Interval, PairedTest, Spread, accuracy_interval, paired_test, spread
+
+ALPHA = 0.05
+SEED_FACTOR = "seed"
+"""Pseudo-factor of `ablate --seeds N`: repeats of every cell over training seeds (pooled, not compared)."""
+
+Outcomes = dict[str, bool]
+"""Pairing key (other factors' levels, seed, row id) -> the student got the row right."""
+
+METRICS: dict[str, str] = {"t2i": "T2I", "edit": "edit", "text": "text rendering (T2I, text category)"}
+"""Outcome groups compared per factor: T2I rows, edit rows, and the text category of T2I rows."""
+
+
+@dataclass(frozen=True)
+class PaperClaim:
+    claim: str
+    metric: str
+
+
+PAPER: dict[str, PaperClaim] = {
+    "data-composition": PaperClaim(
+        "text-centric or more diverse data does not necessarily help text rendering", "text"),
+    "teacher-guidance": PaperClaim(
+        "using a task-specialised teacher directly destabilises training; step-wise multi-teacher "
+        "guidance keeps fidelity", "edit"),
+    "task-mixture": PaperClaim("5:5 is best for editing (and also helps T2I)", "edit"),
+}
+"""What arXiv 2606.03746 reports per factor, and the outcome group that tests it here."""
+
+
+@dataclass
+class LevelResult:
+    level: str
+    interval: Interval
+    seeds: Spread | None = None  # accuracy over training seeds, when the grid repeats seeds
+
+
+@dataclass
+class MetricFinding:
+    """One factor x one outcome group."""
+
+    factor: str
+    metric: str
+    levels: list[LevelResult]
+    best: str | None
+    tests: dict[str, PairedTest] = field(default_factory=dict)  # best vs each other level
+    significant: bool = False
+
+    def sentence(self) -> str:
+        name = METRICS.get(self.metric, self.metric)
+        if self.best is None:
+            return f"{self.factor}, {name}: no finished cell with results."
+        best = next(lv for lv in self.levels if lv.level == self.best)
+        acc = f"{100 * best.interval.estimate:.1f}% [{100 * best.interval.low:.1f}, {100 * best.interval.high:.1f}]"
+        if len(self.levels) < 2:
+            return f"{self.factor}, {name}: only {self.best} ran ({acc})."
+        worst_p = max(t.p_value for t in self.tests.values()) if self.tests else 1.0
+        if self.significant:
+            return (f"{self.factor}, {name}: {self.best} is best ({acc}) and beats every other level "
+                    f"on the same rows and seeds (McNemar p <= {worst_p:.3g}).")
+        close = [lv for lv, t in self.tests.items() if t.p_value >= ALPHA]
+        return (f"{self.factor}, {name}: {self.best} scores highest ({acc}) but cannot be told apart from "
+                f"{', '.join(close)} at this eval size (McNemar p = {worst_p:.3g}).")
+
+
+@dataclass
+class FactorFinding:
+    factor: str
+    metrics: dict[str, MetricFinding]
+    paper: PaperClaim | None = None
+    verdict: str = "inconclusive"  # agree | disagree | inconclusive | not comparable
+    why: str = ""
+
+
+def compare(factor: str, metric: str, outcomes: Mapping[str, Outcomes],
+            seed_outcomes: Mapping[str, Mapping[str, Outcomes]] | None = None) -> MetricFinding:
+    """Intervals per level and the best level's paired tests against every other level.
+
+    `outcomes`: level -> pooled outcomes; `seed_outcomes`: level -> seed -> outcomes (for the
+    spread over training seeds)."""
+    levels = [LevelResult(lv, accuracy_interval(o.values()),
+                          spread([accuracy_interval(s.values()).estimate for s in seed_outcomes[lv].values()])
+                          if seed_outcomes and len(seed_outcomes.get(lv, {})) > 1 else None)
+              for lv, o in outcomes.items() if o]
+    if not levels:
+        return MetricFinding(factor, metric, [], None)
+    best = max(levels, key=lambda r: r.interval.estimate).level
+    tests = {lv: paired_test(outcomes[best], outcomes[lv]) for lv in outcomes if lv != best and outcomes[lv]}
+    significant = bool(tests) and all(t.p_value < ALPHA and t.difference > 0 for t in tests.values())
+    return MetricFinding(factor, metric, levels, best, tests, significant)
+
+
+def _acc(f: MetricFinding, level: str) -> float | None:
+    return next((r.interval.estimate for r in f.levels if r.level == level), None)
+
+
+def judge(factor: str, metrics: Mapping[str, MetricFinding]) -> tuple[str, str]:
+    """(verdict, why) of this grid's numbers against the paper's claim for `factor`."""
+    claim = PAPER.get(factor)
+    if claim is None:
+        return "not comparable", "the paper has no claim for this factor"
+    f = metrics.get(claim.metric)
+    if f is None or f.best is None:
+        return "not comparable", f"no {METRICS[claim.metric]} results"
+    have = {r.level for r in f.levels}
+    if factor == "task-mixture":
+        if "5:5" not in have or len(have) < 2:
+            return "not comparable", "needs 5:5 and at least one other mixture"
+        if f.best == "5:5" and f.significant:
+            return "agree", "5:5 has the best edit accuracy, significantly above every other mixture"
+        t = paired_test_against(f, "5:5")
+        if t:
+            return "disagree", f"{t[0]} edits significantly better than 5:5 (p = {t[1]:.3g})"
+        return "inconclusive", "no mixture is significantly better than the others at editing"
+    if factor == "teacher-guidance":
+        if not {"stepwise", "specialised"} <= have:
+            return "not comparable", "needs both the stepwise and the specialised level"
+        better = [m for m in metrics.values() if _significantly(m, "stepwise", "specialised")]
+        worse = [m for m in metrics.values() if _significantly(m, "specialised", "stepwise")]
+        if worse:
+            return "disagree", f"specialised significantly better than stepwise on {METRICS[worse[0].metric]}"
+        if better and all((_acc(m, "stepwise") or 0) >= (_acc(m, "specialised") or 0) for m in metrics.values()
+                          if m.metric != "text"):
+            return "agree", f"stepwise significantly better than specialised on {METRICS[better[0].metric]}"
+        return "inconclusive", "stepwise and specialised cannot be told apart here"
+    if factor == "data-composition":
+        broad = [lv for lv in ("text-centric", "mixed-category") if lv in have]
+        others = [lv for lv in have if lv not in broad]
+        if not broad or not others:
+            return "not comparable", "needs text-centric or mixed-category and one coherent level"
+        if any(all(_significantly(f, b, o) for o in others) for b in broad):
+            return "disagree", "text-centric / mixed data significantly improves text rendering over every other level"
+        if max(_acc(f, o) or 0 for o in others) >= max(_acc(f, b) or 0 for b in broad):
+            return "agree", "a coherent level renders text at least as well as text-centric / mixed data"
+        return "inconclusive", "text-centric / mixed data scores higher on text, but not significantly"
+    return "not comparable", ""
+
+
+def paired_test_against(f: MetricFinding, level: str) -> tuple[str, float] | None:
+    """A level significantly better than `level` in `f`, with its p-value (None if none)."""
+    for other in (r.level for r in f.levels):
+        if other != level and _significantly(f, other, level):
+            return other, f.tests[level].p_value
+    return None
+
+
+def _significantly(f: MetricFinding, a: str, b: str) -> bool:
+    """`a` beats `b` with p < ALPHA in `f` (tests are stored best-vs-other: only pairs with the best)."""
+    if f.best == a and b in f.tests:
+        t = f.tests[b]
+        return t.p_value < ALPHA and t.difference > 0
+    return False
+
+
+def factor_finding(factor: str, per_metric: Mapping[str, Mapping[str, Outcomes]],
+                   per_metric_seeds: Mapping[str, Mapping[str, Mapping[str, Outcomes]]] | None = None) -> FactorFinding:
+    metrics = {m: compare(factor, m, per_metric[m], (per_metric_seeds or {}).get(m)) for m in per_metric}
+    verdict, why = judge(factor, metrics)
+    return FactorFinding(factor, metrics, PAPER.get(factor), verdict, why)
+
+
+def group_outcomes(cells: Sequence[tuple[Mapping[str, str], Sequence[Mapping]]], factor: str,
+                   factors: Sequence[str]):
+    """Pool per-row outcomes of cells by `factor`'s level.
+
+    `cells`: (levels of the cell, its student's per-row results [{id, task, category, correct}]).
+    Keys pair a row with the same row of a cell that has the same other levels and seed.
+    Returns (metric -> level -> outcomes, metric -> level -> seed -> outcomes)."""
+    pooled: dict[str, dict[str, Outcomes]] = {m: {} for m in METRICS}
+    seeds: dict[str, dict[str, dict[str, Outcomes]]] = {m: {} for m in METRICS}
+    others = [f for f in factors if f != factor and f != SEED_FACTOR]
+    for levels, rows in cells:
+        level = levels.get(factor)
+        if level is None:
+            continue
+        ctx = ",".join(f"{f}={levels.get(f)}" for f in others)
+        seed = levels.get(SEED_FACTOR, "0")
+        for r in rows:
+            groups = [r.get("task")] + (["text"] if r.get("task") == "t2i" and r.get("category") == "text" else [])
+            key = f"{ctx}|{seed}|{r.get('id')}"
+            for m in groups:
+                if m in pooled:
+                    pooled[m].setdefault(level, {})[key] = bool(r.get("correct"))
+                    seeds[m].setdefault(level, {}).setdefault(seed, {})[key] = bool(r.get("correct"))
+    return pooled, seeds

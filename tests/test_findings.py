@@ -1,0 +1,75 @@
+"""Findings: intervals per level, paired tests, the verdict against the paper (hand-built outcomes)."""
+
+from __future__ import annotations
+
+import pytest
+
+from flashctl.findings import compare, factor_finding, group_outcomes
+from flashctl.stats import mcnemar_exact
+
+
+def rows(task: str, correct: list[bool], category: str = "object") -> list[dict]:
+    return [{"id": f"{task}-{i}", "task": task, "category": category, "correct": c} for i, c in enumerate(correct)]
+
+
+def mixture_cells(edit: dict[str, int], n: int = 100, seeds=("0",)):
+    """Cells of a task-mixture grid: level -> number of the n edit rows right (the first k)."""
+    cells = []
+    for seed in seeds:
+        for level, k in edit.items():
+            levels = {"task-mixture": level, **({"seed": seed} if len(seeds) > 1 else {})}
+            cells.append((levels, rows("edit", [i < k for i in range(n)]) + rows("t2i", [True] * 10)))
+    return cells
+
+
+def test_a_clear_winner_is_significant_and_agrees_with_the_paper():
+    pooled, seeds = group_outcomes(mixture_cells({"9:1": 40, "7:3": 50, "5:5": 70}), "task-mixture", ["task-mixture"])
+    f = factor_finding("task-mixture", pooled, seeds)
+    edit = f.metrics["edit"]
+    assert edit.best == "5:5" and edit.significant
+    # the first 40 rows are right in both: 5:5 vs 9:1 differ on exactly 30 rows, all in 5:5's favour
+    t = edit.tests["9:1"]
+    assert (t.n, t.a_only, t.b_only) == (100, 30, 0) and t.p_value == pytest.approx(mcnemar_exact(30, 0))
+    assert [round(r.interval.estimate, 2) for r in edit.levels] == [0.4, 0.5, 0.7]
+    assert f.verdict == "agree"
+    assert "5:5 is best" in edit.sentence() and "beats every other level" in edit.sentence()
+
+
+def test_levels_that_cannot_be_told_apart_say_so():
+    pooled, seeds = group_outcomes(mixture_cells({"9:1": 52, "7:3": 50, "5:5": 55}), "task-mixture", ["task-mixture"])
+    f = factor_finding("task-mixture", pooled, seeds)
+    assert f.metrics["edit"].best == "5:5" and not f.metrics["edit"].significant
+    assert f.verdict == "inconclusive"
+    assert "cannot be told apart" in f.metrics["edit"].sentence()
+
+
+def test_another_level_significantly_better_disagrees():
+    pooled, seeds = group_outcomes(mixture_cells({"9:1": 80, "5:5": 40}), "task-mixture", ["task-mixture"])
+    f = factor_finding("task-mixture", pooled, seeds)
+    assert f.verdict == "disagree" and "9:1" in f.why
+
+
+def test_seeds_pool_as_pairs_and_give_a_spread():
+    cells = mixture_cells({"9:1": 40, "5:5": 70}, seeds=("0", "1"))
+    cells[3] = ({"task-mixture": "5:5", "seed": "1"}, rows("edit", [i < 60 for i in range(100)]))  # seed 1 of 5:5
+    pooled, seeds = group_outcomes(cells, "task-mixture", ["task-mixture", "seed"])
+    assert len(pooled["edit"]["5:5"]) == 200  # (seed, row) keys
+    finding = compare("task-mixture", "edit", pooled["edit"], seeds["edit"])
+    five = next(r for r in finding.levels if r.level == "5:5")
+    assert five.interval.estimate == pytest.approx(0.65) and five.seeds.n == 2
+    assert five.seeds.mean == pytest.approx(0.65) and five.seeds.low == pytest.approx(0.6)
+
+
+def test_text_rendering_is_its_own_outcome_group_for_data_composition():
+    cells = [({"data-composition": "text-centric"}, rows("t2i", [i < 5 for i in range(20)], "text")),
+             ({"data-composition": "portrait-only"}, rows("t2i", [i < 12 for i in range(20)], "text"))]
+    pooled, _ = group_outcomes(cells, "data-composition", ["data-composition"])
+    f = factor_finding("data-composition", pooled)
+    assert f.metrics["text"].best == "portrait-only"
+    assert f.verdict == "agree" and f.paper.metric == "text"
+
+
+def test_guidance_needs_both_levels_to_compare():
+    pooled, _ = group_outcomes([({"teacher-guidance": "single"}, rows("edit", [True]))], "teacher-guidance",
+                               ["teacher-guidance"])
+    assert factor_finding("teacher-guidance", pooled).verdict == "not comparable"
