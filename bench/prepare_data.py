@@ -91,17 +91,17 @@ def generate(n: int) -> tuple[list[dict], float]:
 def plain_pyarrow(rows: list[dict], out: Path, rows_per_shard: int = 2000, batch_rows: int = 100) -> float:
     import pyarrow as pa
 
-    from flashctl.data.schema import SCHEMA
+    from flashctl.data.schema import SCHEMA, rows_to_batch
 
     out.mkdir(parents=True)
     with pa.BufferOutputStream() as sink, pa.ipc.new_stream(sink, SCHEMA) as w:  # warm-up
-        w.write_batch(pa.RecordBatch.from_pylist(rows[:batch_rows], schema=SCHEMA))
+        w.write_batch(rows_to_batch(rows[:batch_rows]))
     t0 = time.perf_counter()
     for s, start in enumerate(range(0, len(rows), rows_per_shard)):
         shard = rows[start : start + rows_per_shard]
         with pa.OSFile(str(out / f"shard-{s:05d}.arrow"), "wb") as sink, pa.ipc.new_stream(sink, SCHEMA) as w:
             for b in range(0, len(shard), batch_rows):
-                w.write_batch(pa.RecordBatch.from_pylist(shard[b : b + batch_rows], schema=SCHEMA))
+                w.write_batch(rows_to_batch(shard[b : b + batch_rows]))
     return time.perf_counter() - t0
 
 

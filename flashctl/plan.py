@@ -8,8 +8,13 @@ Per-GPU memory under the spec's ZeRO stage for every model the distillation hold
   copy: 18 bytes per parameter partitioned over all GPUs (2 bf16 params + 4 fp32 grads + 4 fp32
   master + 8 Adam moments) plus, for stage 3, 4 bytes x the largest layer (a gathered 16-bit
   layer and its gradient). fp32 training has no master copy: 16 bytes per parameter.
-* frozen teachers: parameters only, partitioned by ZeRO-3 (an engine without optimizer) or
-  replicated; frozen text encoder and VAE: replicated (design §5).
+* frozen teachers: parameters only, in the training dtype, partitioned by ZeRO-3 (an engine
+  without optimizer; on CUDA under stage 3) or replicated: exactly the teachers
+  `ExperimentSpec.teachers_held()` names, which the worker loads.
+* the pipeline's text encoder and VAE, replicated in fp32 (the worker's adapter loads them at
+  its default dtype, `ADAPTER_PRECISION`).
+* at the end of the run rank 0 evaluates with a whole student and a whole base teacher beside
+  the engines (until the evaluation runs data-parallel): a separate "at evaluation" total.
 * activations: an order of magnitude, from the transformer's width, depth, the micro-batch and
   the sequence length (image tokens + text tokens; edits add the source image's tokens).
 
@@ -18,7 +23,8 @@ ids map to configs written below; local pipeline folders are read (`transformer/
 ...); the tiny CPU-scale models are built from `model.tiny`. Each model is instantiated on the
 `meta` device (no memory, ~0.1 s for 20B parameters) and its parameters counted.
 
-"GB" is 2**30 bytes throughout, as in DeepSpeed's estimators.
+Sizes are GiB (2**30 bytes) throughout and printed as GiB (DeepSpeed's estimators compute the
+same unit and print it as "GB"); `*_gb` fields hold GiB.
 """
 
 from __future__ import annotations
@@ -33,6 +39,10 @@ from flashctl.errors import UserError
 from flashctl.spec import ExperimentSpec, TinyModelSpec
 
 GB = 1024**3
+"""One GiB (the name predates the unit fix; every `/ GB` is a GiB)."""
+ADAPTER_PRECISION = "fp32"
+"""Precision of the text encoder and VAE the worker holds on every rank
+(`QwenImageAdapter.from_pretrained`'s default dtype in `DistillJob.__init__`)."""
 
 # Public config values of the Qwen-Image family on the Hugging Face hub
 # (Qwen/Qwen-Image: transformer/config.json, text_encoder/config.json, vae/config.json; the
@@ -248,7 +258,7 @@ def model_size(config: dict[str, Any], kind: str, source: str) -> ModelSize:
 
 @dataclass
 class ComponentMemory:
-    """Per-GPU memory of one model (GB)."""
+    """Per-GPU memory of one model (GiB)."""
 
     name: str
     role: str
@@ -435,27 +445,22 @@ class NfeEstimate:
 
 
 def teachers_used(spec: ExperimentSpec) -> list[str]:
-    """Teachers the guidance policy calls, given the task mixture (tasks of weight 0 call none).
+    """Teachers the worker holds: `ExperimentSpec.teachers_held()`, the decision the worker
+    itself uses (base first, then every teacher the policy can pick for a task the mixture draws)."""
+    return spec.teachers_held()
 
-    `single`: the base teacher; `specialised`: each task's specialised teacher, else the base;
-    `stepwise`: the base teacher (the anchor) and the specialised teachers of active tasks.
-    """
-    g = spec.guidance
-    active = [t for t, w in (("t2i", spec.mixture.t2i), ("edit", spec.mixture.edit)) if w > 0]
-    if g.policy == "single":
-        wanted = [g.base]
-    elif g.policy == "specialised":
-        wanted = [g.specialised.get(t, g.base) for t in active]
-    else:
-        wanted = [g.base] + [g.specialised[t] for t in active if t in g.specialised]
-    return list(dict.fromkeys(wanted))
+
+def teachers_called(spec: ExperimentSpec) -> list[str]:
+    """Teachers that supply a real score (the NFE table): those picked for a drawn task."""
+    names = [n for task in ("t2i", "edit") for n in spec.teachers_picked(task)]
+    return list(dict.fromkeys(names)) or [spec.guidance.base]
 
 
 def nfe_estimate(spec: ExperimentSpec) -> NfeEstimate:
     """NFE of one DMD2 cycle from the spec (student steps, critic updates, CFG, objective)."""
     d = spec.distill
     s = d.student_steps
-    used = teachers_used(spec)
+    used = teachers_called(spec)
     cfg = any(spec.teachers[t].cfg_scale != 1.0 for t in used if t in spec.teachers) if spec.teachers else True
     teacher = 3 if d.objective == "decoupled-dmd" else (2 if cfg else 1)
     mean_sim = (s - 1) / 2 + 1
@@ -501,6 +506,9 @@ class PlanResult:
     overhead_gb: float
     offload_options: list[OffloadOption]
     notes: list[str] = field(default_factory=list)
+    eval_copies_gb: float = 0.0
+    """Whole models rank 0 adds for the end-of-run evaluation: the exported student, and the
+    base teacher when teachers are partitioned (`DistillJob.export`, `base_teacher_replica`)."""
 
     @property
     def world_size(self) -> int:
@@ -526,6 +534,12 @@ class PlanResult:
     def fits_ckpt(self) -> bool:
         return self.total_ckpt_gb <= self.gpu_memory_gb
 
+    @property
+    def eval_peak_gb(self) -> float:
+        """Rank 0 during the end-of-run evaluation: model states + the whole copies it samples
+        (no-grad activations are small and not counted)."""
+        return self.model_states_gb + self.eval_copies_gb + self.overhead_gb
+
 
 def _components(
     spec: ExperimentSpec,
@@ -550,7 +564,7 @@ def _components(
         )
     for role in ("text_encoder", "vae"):
         if role in sizes:
-            comps.append(frozen_memory(role.replace("_", " "), role, sizes[role], ds.precision, world, False))
+            comps.append(frozen_memory(role.replace("_", " "), role, sizes[role], ADAPTER_PRECISION, world, False))
     return comps
 
 
@@ -558,12 +572,13 @@ def plan(spec: ExperimentSpec, teacher_placement: str | None = None) -> PlanResu
     """Memory per GPU, activation guidance, NFE per step and offload options for `spec`.
 
     `teacher_placement` is "partitioned" (ZeRO-3 engine without optimizer) or "replicated";
-    default: partitioned under ZeRO-3, else replicated. On `launch.device: cpu` "GPU" means one
-    rank's share of host memory and `launch.gpu_memory_gb` is read as that budget.
+    default: what the worker does (`ExperimentSpec.teachers_partitioned()`: partitioned on CUDA
+    under ZeRO-3, else replicated). On `launch.device: cpu` "GPU" means one rank's share of host
+    memory and `launch.gpu_memory_gb` is read as that budget (GiB).
     """
     ds, launch = spec.deepspeed, spec.launch
     if teacher_placement is None:
-        teacher_placement = "partitioned" if ds.zero_stage == 3 else "replicated"
+        teacher_placement = "partitioned" if spec.teachers_partitioned() else "replicated"
     if teacher_placement not in ("partitioned", "replicated"):
         raise ValueError(f"teacher_placement {teacher_placement!r}: use 'partitioned' or 'replicated'")
     if teacher_placement == "partitioned" and ds.zero_stage != 3:
@@ -624,9 +639,20 @@ def plan(spec: ExperimentSpec, teacher_placement: str | None = None) -> PlanResu
         notes.append("DeepSpeed's estimators assume 16-bit mixed precision; fp32 rows use 16 B/param (no master copy)")
     if partition:
         repl = sum(_bytes_per_param(ds.precision) * s.total for s in teacher_sizes.values()) / GB
-        notes.append(f"teachers replicated instead of partitioned would need {repl:.3g} GB per GPU")
+        notes.append(f"teachers replicated instead of partitioned would need {repl:.3g} GiB per GPU")
     if "text_encoder" in sizes:
-        notes.append("the text encoder row can be dropped if prompt embeddings are cached")
+        notes.append(f"text encoder and VAE are held in {ADAPTER_PRECISION} on every rank; the text encoder row "
+                     "can be dropped if prompt embeddings are cached")
+    eval_copies = 0.0
+    if spec.eval.enabled:
+        bpp = _bytes_per_param(ds.precision)
+        eval_copies = bpp * sizes["transformer"].total
+        base = spec.guidance.base
+        if partition and base in teacher_sizes:
+            eval_copies += bpp * teacher_sizes[base].total
+        eval_copies /= GB
+        notes.append("rank 0 evaluates at the end with whole copies of the student"
+                     + (" and the base teacher" if partition else "") + " beside the engines ('at evaluation')")
     if launch.device == "cpu":
         notes.append("device cpu: 'per GPU' is one rank's share of host memory")
     return PlanResult(
@@ -643,6 +669,7 @@ def plan(spec: ExperimentSpec, teacher_placement: str | None = None) -> PlanResu
         overhead_gb=overhead,
         offload_options=options,
         notes=notes,
+        eval_copies_gb=eval_copies,
     )
 
 
@@ -660,12 +687,12 @@ def _params(n: int) -> str:
 def render_plan(result: PlanResult) -> list[Any]:
     """Rich tables: memory per GPU, offload options, NFE per step (+ notes as a caption).
 
-    Sizes are in GB, or in MB when the whole plan is under 1 GB (tiny CPU-scale specs).
+    Sizes are in GiB, or in MiB when the whole plan is under 1 GiB (tiny CPU-scale specs).
     """
     from rich.table import Table
 
     r = result
-    unit, scale = ("GB", 1.0) if r.total_gb >= 1 else ("MB", 1024.0)
+    unit, scale = ("GiB", 1.0) if r.total_gb >= 1 else ("MiB", 1024.0)
 
     def _gb(x: float | None) -> str:
         if x is None:
@@ -698,8 +725,11 @@ def render_plan(result: PlanResult) -> list[Any]:
     def verdict(ok: bool) -> str:
         return "[green]fits[/]" if ok else "[red]does not fit[/]"
 
-    mem.add_row("total", "", f"budget {r.gpu_memory_gb:g} GB", "", "", "", "", _gb(r.total_gb), verdict(r.fits))
+    mem.add_row("total", "", f"budget {r.gpu_memory_gb:g} GiB", "", "", "", "", _gb(r.total_gb), verdict(r.fits))
     mem.add_row("total, checkpointing", "", "", "", "", "", "", _gb(r.total_ckpt_gb), verdict(r.fits_ckpt))
+    if r.eval_copies_gb:
+        mem.add_row("at evaluation (rank 0)", "", "+ whole student/teacher", "", "", "", "", _gb(r.eval_peak_gb),
+                    verdict(r.eval_peak_gb <= r.gpu_memory_gb))
 
     off = Table(title=f"Offload options (per GPU, {unit})")
     for col in ("overrides", "model states", "total", "total (ckpt)", "CPU RAM / node", "fits", "fits (ckpt)"):

@@ -129,9 +129,16 @@ class GridRuns:
 
 def store_uri(tracking_uri: str | None = None) -> str:
     """The store to read: `tracking_uri`, else `MLFLOW_TRACKING_URI`, else `./mlflow.db`."""
+    from flashctl.spec import check_tracking_uri
     from flashctl.track import resolve_uri
 
-    uri = resolve_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db")
+    given = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    try:
+        check_tracking_uri(given)
+    except ValueError as exc:
+        where = "--tracking-uri" if tracking_uri else "MLFLOW_TRACKING_URI"
+        raise UserError(f"{where}: {exc}") from None
+    uri = resolve_uri(given)
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
         raise UserError(f"no MLflow store at {uri[len('sqlite:///'):]}: run `flashctl ablate` first, "
                         f"or set MLFLOW_TRACKING_URI")

@@ -12,20 +12,66 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from flashctl import yamlio
+from flashctl.errors import UserError
+
 Category = Literal["object", "scene", "text"]
 Aspect = Literal["square", "landscape", "portrait"]
 Task = Literal["t2i", "edit"]
+OpenKind = Literal["position", "colour", "both", "background"]
 FACTORS = ("data-composition", "teacher-guidance", "task-mixture")
+T2I_ONLY_MODELS = ("Qwen/Qwen-Image",)
+"""Hub ids of pipelines that cannot edit (no processor): a teacher with such a path cannot list `edit`."""
+
+
+_RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,254}")
+_SLURM_NAMES = re.compile(r"[A-Za-z0-9_.+-]{1,128}(,[A-Za-z0-9_.+-]{1,128}){0,31}")
+_SLURM_TIME = re.compile(r"(\d{1,5}-)?\d{1,6}(:\d{1,2}){0,2}|UNLIMITED|unlimited|INFINITE|infinite")
+_HOST_CHARS = re.compile(r"[A-Za-z0-9._:,@-]{0,1024}")
+TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "file", "databricks", "databricks-uc")
+"""URI schemes MLflow serves as tracking stores (a SQLAlchemy `+driver` suffix is allowed)."""
+
+
+def check_tracking_uri(uri: str) -> str:
+    """`uri` if it can name an MLflow tracking store, else ValueError saying why.
+
+    Checked up front because MLflow's own failures come late (in the ranks of a launched job)
+    and as tracebacks: a bare path, an unknown scheme, `sqlite://` (in-memory: the run would
+    vanish), an http URI without host, control characters."""
+    from urllib.parse import urlsplit
+
+    if not uri or any(ord(c) < 32 or ord(c) == 127 for c in uri):
+        raise ValueError("must be a non-empty URI without control characters")
+    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower() if ":" in uri else ""
+    if scheme not in TRACKING_SCHEMES:
+        raise ValueError(f"{uri[:60]!r}: scheme {scheme or '(none)'!r} is not one of {', '.join(TRACKING_SCHEMES)} "
+                         "(e.g. sqlite:///mlflow.db, http://host:5000)")
+    if scheme == "sqlite" and (not uri.startswith("sqlite:///") or uri.rstrip("/") == "sqlite:"):
+        raise ValueError(f"{uri[:60]!r}: a SQLite store is sqlite:///relative/path.db or sqlite:////absolute/path.db")
+    if scheme in ("http", "https") and not urlsplit(uri).hostname:
+        raise ValueError(f"{uri[:60]!r}: no host")
+    return uri
 
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
+
+    @field_validator("*")
+    @classmethod
+    def _no_control_chars(cls, v: Any) -> Any:
+        # a NUL in a path makes every os call raise ValueError; a newline in a name or path
+        # breaks the job scripts and env files it is written into
+        for item in v if isinstance(v, (list, tuple)) else (v,):
+            if isinstance(item, (str, Path)) and any(ord(c) < 32 or ord(c) == 127 for c in str(item)):
+                raise ValueError(f"{str(item)[:40]!r} contains control characters")
+        return v
 
 
 class DataSpec(_Model):
@@ -44,6 +90,18 @@ class DataSpec(_Model):
     """Seed of the shapes world (same seed, same rows, same digest)."""
     edit_fraction: float = Field(0.5, ge=0.0, le=1.0)
     """Fraction of generated shapes records that are edit records (the rest are T2I)."""
+    open_attributes: float | dict[OpenKind, float] = 0.0
+    """Share of shapes T2I prompts (and of `add` edits) that leave attributes unstated, drawn
+    from a known distribution stored with the row (scene JSON `open`). A number p in [0, 1]:
+    p of the rows, the kind uniform over those the category allows (object: position, colour,
+    both; scene: also background, "position" = the whole arrangement; text: colour; add:
+    position, colour, both). A mapping {position|colour|both|background: share}, shares
+    summing to <= 1: per-kind shares among the kinds a row allows. 0 = every prompt states
+    everything (the world the shipped teachers were trained on; rows bit-identical to it)."""
+    ref_edits: float = Field(0.0, ge=0.0, le=1.0)
+    """Share of shapes recolour/remove/move edits on scenes that name the item by one property
+    ("the red one", "the shape on the left"): edit types recolour-ref/remove-ref/move-ref.
+    > 0 also puts those types in the eval set's cycle of edit types. 0 = none (default)."""
     categories: dict[Category, float] = Field(
         default_factory=lambda: {"object": 1.0, "scene": 1.0, "text": 1.0}
     )
@@ -58,6 +116,16 @@ class DataSpec(_Model):
     """Image size (width, height) per aspect; sides must be divisible by 8 (VAE x patch)."""
     rows_per_shard: int = Field(2000, ge=1)
     """Rows per Arrow shard."""
+
+    @field_validator("open_attributes")
+    @classmethod
+    def _open_ok(cls, v: float | dict[str, float]) -> float | dict[str, float]:
+        shares = list(v.values()) if isinstance(v, dict) else [v]
+        if any(not 0.0 <= w <= 1.0 for w in shares):
+            raise ValueError("shares must be in [0, 1]")
+        if sum(shares) > 1.0 + 1e-9:
+            raise ValueError(f"shares sum to {sum(shares):g} > 1")
+        return v
 
     @field_validator("categories", "aspects")
     @classmethod
@@ -131,7 +199,9 @@ class TeacherSpec(_Model):
     cfg_rescale: float = Field(0.0, ge=0.0, le=1.0)
     """Norm rescale of the CFG output towards the conditional norm (0 = off, 1 = full)."""
     tasks: list[Task] = Field(default_factory=lambda: ["t2i", "edit"])
-    """Tasks this teacher is good at (a specialised teacher lists one)."""
+    """Tasks this teacher can serve (a specialised teacher lists one). Validation rejects a
+    spec whose guidance can pick a teacher for a task it does not list, and a known T2I-only
+    hub id (`Qwen/Qwen-Image`: no processor) that lists `edit`."""
 
 
 class GuidanceSpec(_Model):
@@ -140,15 +210,26 @@ class GuidanceSpec(_Model):
     policy: Literal["single", "specialised", "stepwise"] = "single"
     """`single`: base teacher for every sample; `specialised`: the task's specialised teacher
     supplies the real score for its task; `stepwise`: the base teacher anchors and the
-    specialised teacher is used only at `steps` / in `sigma_range`."""
+    specialised teacher is used only at `steps` / in `student_sigma_range`."""
     base: str = "base"
     """Name of the base (anchor) teacher in `teachers`."""
     specialised: dict[Task, str] = Field(default_factory=dict)
     """Task -> teacher name of the task-specialised teacher(s)."""
     steps: list[int] = Field(default_factory=lambda: [2, 3])
     """Student step indices (0 = first, noisiest) where `stepwise` uses the specialised teacher."""
-    sigma_range: tuple[float, float] | None = None
-    """Optional re-noise level range [lo, hi] where `stepwise` uses the specialised teacher."""
+    student_sigma_range: tuple[float, float] | None = None
+    """Optional range [lo, hi] (inclusive) of the student step's input noise level: `stepwise`
+    uses the specialised teacher only at steps whose level sigma_k of the student's grid
+    (`distill.student_steps`, `distill.shift`; 4 steps at shift 3: 1, .9, .75, .5) lies in it.
+    It selects by the student step, not by the re-noise level tau of the DM gradient."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "sigma_range" in data:
+            raise ValueError("sigma_range was renamed student_sigma_range (it selects by the student "
+                             "step's input sigma, not by the re-noise level)")
+        return data
 
 
 class MixtureSpec(_Model):
@@ -176,8 +257,9 @@ class DistillSpec(_Model):
     objective: Literal["dmd2", "dmd", "decoupled-dmd"] = "dmd2"
     """Distillation objective (held fixed in the paper's study): `dmd2` (K critic updates per
     generator update), `dmd` (one critic update per generator update, no two-time-scale rule),
-    `decoupled-dmd` (CFG-augmentation and distribution-matching terms at separate re-noise
-    levels)."""
+    `decoupled-dmd` (Liu et al. 2025: distribution matching re-noised over [tau_min, tau_max], the
+    CFG-augmentation term only below the student step's input level; teachers' `cfg_rescale`
+    must be 0 with it)."""
     student_steps: int = Field(4, ge=1)
     """Student sampling steps (NFE)."""
     shift: float = Field(3.0, gt=0.0)
@@ -258,6 +340,19 @@ class DeepSpeedSpec(_Model):
     """Training precision."""
     gradient_clipping: float = Field(1.0, ge=0.0)
     """Gradient norm clip (always explicit)."""
+    param_persistence_threshold: int | None = Field(None, ge=0)
+    """ZeRO-3 `stage3_param_persistence_threshold`: parameters with fewer elements stay whole on
+    every rank. None: DeepSpeed's default (100,000, which keeps every tensor of the tiny CPU
+    models whole); 0 partitions every tensor (exercises ZeRO-3's gathers, at a hook cost)."""
+    prefetch_bucket_size: int | None = Field(None, ge=0)
+    """ZeRO-3 `stage3_prefetch_bucket_size` (elements fetched ahead). None: DeepSpeed's default
+    (50,000,000)."""
+    max_live_parameters: int | None = Field(None, ge=0)
+    """ZeRO-3 `stage3_max_live_parameters` (gathered elements kept before release). None:
+    DeepSpeed's default (1,000,000,000)."""
+    reduce_bucket_size: int | None = Field(None, ge=1)
+    """ZeRO `reduce_bucket_size` (elements per gradient reduce). None: DeepSpeed's default
+    (500,000,000)."""
 
 
 class SlurmSpec(_Model):
@@ -275,6 +370,21 @@ class SlurmSpec(_Model):
     """CPUs per task."""
     array_parallel: int = Field(4, ge=1)
     """`%N` concurrency of ablation job arrays."""
+
+    @field_validator("partition", "account")
+    @classmethod
+    def _slurm_name(cls, v: str | None) -> str | None:
+        # written into `#SBATCH` lines of a shell script: a newline or `;` would run commands
+        if v is not None and not _SLURM_NAMES.fullmatch(v):
+            raise ValueError(f"{v[:40]!r}: only letters, digits and . _ + - (commas between names) are allowed")
+        return v
+
+    @field_validator("time")
+    @classmethod
+    def _slurm_time(cls, v: str) -> str:
+        if not _SLURM_TIME.fullmatch(v):
+            raise ValueError(f"{v[:40]!r} is not a Slurm time (MM, HH:MM:SS, D-HH[:MM[:SS]] or UNLIMITED)")
+        return v
 
 
 class LaunchSpec(_Model):
@@ -305,6 +415,14 @@ class LaunchSpec(_Model):
     gpu_memory_gb: float = Field(80.0, gt=0)
     """Memory per GPU assumed by `plan`."""
 
+    @field_validator("master_addr", "include", "exclude")
+    @classmethod
+    def _host_chars(cls, v: str) -> str:
+        # host names / DeepSpeed filters (`host1:0,1@host2`) end up in launch commands
+        if not _HOST_CHARS.fullmatch(v):
+            raise ValueError(f"{v[:40]!r}: only letters, digits and . _ - : , @ are allowed")
+        return v
+
 
 class TrackingSpec(_Model):
     """MLflow tracking."""
@@ -315,6 +433,11 @@ class TrackingSpec(_Model):
     """Tracking URI (relative sqlite paths resolve against the working directory)."""
     experiment: str = "flashctl"
     """Experiment name."""
+
+    @field_validator("uri")
+    @classmethod
+    def _uri_ok(cls, v: str) -> str:
+        return check_tracking_uri(v)
 
 
 class EvalSpec(_Model):
@@ -341,9 +464,20 @@ class RunSpec(_Model):
     """Run identity and outputs."""
 
     name: str = "run"
-    """Run name (the run directory is `out_dir/name`)."""
+    """Run name (the run directory is `out_dir/name`): 1-255 letters, digits, `.`, `_`, `+`, `-`,
+    starting with a letter or digit."""
     out_dir: Path = Path("runs")
     """Parent directory of run directories."""
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, v: str) -> str:
+        # it names a directory, a Slurm job and an MLflow run: `a/b`, `..`, `` or spaces would
+        # escape out_dir, collide or break the scripts that use it
+        if not _RUN_NAME.fullmatch(v):
+            raise ValueError(f"{v[:40]!r}: a run name is 1-255 letters, digits, '.', '_', '+', '-', "
+                             "starting with a letter or digit")
+        return v
 
 
 class ExperimentSpec(_Model):
@@ -388,9 +522,33 @@ class ExperimentSpec(_Model):
                 errors.append(f"guidance.specialised.{task}: teacher {name!r} is not in teachers")
         if self.guidance.policy != "single" and not self.guidance.specialised:
             errors.append(f"guidance.specialised: policy {self.guidance.policy!r} needs a specialised teacher")
+        if self.distill.objective == "decoupled-dmd":
+            for name, t in self.teachers.items():
+                if t.cfg_rescale:
+                    errors.append(f"teachers.{name}.cfg_rescale: {t.cfg_rescale:g} has no meaning with "
+                                  "distill.objective=decoupled-dmd (its CFG term is not renormalised); set it to 0")
         bad = [s for s in self.guidance.steps if not 0 <= s < self.distill.student_steps]
         if bad:
             errors.append(f"guidance.steps: {bad} outside 0..{self.distill.student_steps - 1}")
+        rng = self.guidance.student_sigma_range
+        if rng is not None and self.guidance.policy == "stepwise":
+            levels = self.student_sigma_levels()
+            lo, hi = rng
+            if not any(lo <= levels[k] <= hi for k in self.guidance.steps if 0 <= k < len(levels)):
+                shown = ", ".join(f"{levels[k]:.4g}" for k in self.guidance.steps if 0 <= k < len(levels))
+                errors.append(f"guidance.student_sigma_range: [{lo:g}, {hi:g}] holds none of the sigmas of "
+                              f"guidance.steps ({shown}); the specialised teacher would never be used")
+        if not errors and self.teachers:
+            for task in ("t2i", "edit"):
+                for name in self.teachers_picked(task):
+                    if task not in self.teachers[name].tasks:
+                        errors.append(f"teachers.{name}.tasks: {self.teachers[name].tasks} lacks {task!r}, but "
+                                      f"guidance ({self.guidance.policy}) picks {name!r} for {task} samples "
+                                      f"(mixture.{task} = {getattr(self.mixture, task):g})")
+            for name, t in self.teachers.items():
+                if "edit" in t.tasks and t.path in T2I_ONLY_MODELS:
+                    errors.append(f"teachers.{name}.tasks: {t.path} cannot edit (a T2I pipeline without "
+                                  "processor); use an edit pipeline such as Qwen/Qwen-Image-Edit-2509")
         if errors:
             raise ValueError("; ".join(errors))
         return self
@@ -398,13 +556,62 @@ class ExperimentSpec(_Model):
     def run_dir(self) -> Path:
         return self.run.out_dir / self.run.name
 
+    def student_sigma_levels(self) -> list[float]:
+        """The student's input sigma per step: linspace(1, 1/S, S)_k = 1 - k/S, shifted by
+        s*x / (1 + (s-1)*x). Same values as `distill.schedules.student_sigmas` (without its
+        terminal 0), computed here without torch so validation stays light."""
+        s, n = self.distill.shift, self.distill.student_steps
+        return [s * x / (1 + (s - 1) * x) for x in (1 - k / n for k in range(n))]
+
+    def teachers_picked(self, task: str) -> list[str]:
+        """Teachers the guidance policy can pick for the real score of `task` samples; none when
+        the task mixture never draws `task` (weight 0).
+
+        `single`: the base teacher. `specialised`: the task's specialised teacher, else the
+        base. `stepwise`: the task's specialised teacher and, unless it covers every student
+        step (all steps in `steps` and no `student_sigma_range`), the base teacher.
+        """
+        if getattr(self.mixture, task) <= 0:
+            return []
+        g = self.guidance
+        expert = g.specialised.get(task) if g.policy != "single" else None
+        if expert is None:
+            return [g.base]
+        if g.policy == "specialised":
+            return [expert]
+        covers_all = set(range(self.distill.student_steps)) <= set(g.steps) and g.student_sigma_range is None
+        return [expert] if covers_all else [g.base, expert]
+
+    def teachers_partitioned(self) -> bool:
+        """Whether the worker holds frozen teachers as ZeRO-3 partitioned engines (CUDA, stage 3)
+        rather than plain replicas; `plan` counts the same placement."""
+        return self.launch.device == "cuda" and self.deepspeed.zero_stage == 3
+
+    def teachers_held(self) -> list[str]:
+        """Teachers the distillation worker loads (frozen), base first: the one decision that
+        `plan` (memory, NFE) and the worker share.
+
+        The base teacher is always held (it anchors the guidance, its pipeline encodes the
+        conditioning and the final evaluation samples it); every other teacher only when the
+        policy can pick it for a task the mixture draws.
+        """
+        names = [self.guidance.base]
+        for task in ("t2i", "edit"):
+            names += self.teachers_picked(task)
+        return list(dict.fromkeys(names))
+
 
 # --------------------------------------------------------------------------------------------
 # Loading, overrides, errors
 
 
-class SpecError(Exception):
-    """A spec could not be loaded; `errors` lists every problem as (location, message)."""
+class SpecError(UserError):
+    """A spec could not be loaded; `errors` lists every problem as (location, message).
+
+    A UserError (a caller that catches those catches this too); the CLI prints one line per
+    problem and exits with 2."""
+
+    exit_code = 2
 
     def __init__(self, source: str, errors: list[tuple[str, str]]):
         self.source = source
@@ -413,28 +620,11 @@ class SpecError(Exception):
 
 
 def _yaml_lines(text: str) -> dict[tuple[str, ...], int]:
-    """Map of key path -> 1-based YAML line, for error messages."""
-    lines: dict[tuple[str, ...], int] = {}
+    """Map of key path -> 1-based YAML line, for error messages (empty if unreadable)."""
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
-        return lines
-
-    def walk(node: Any, path: tuple[str, ...]) -> None:
-        if isinstance(node, yaml.MappingNode):
-            for k, v in node.value:
-                key = path + (str(k.value),)
-                lines[key] = k.start_mark.line + 1
-                walk(v, key)
-        elif isinstance(node, yaml.SequenceNode):
-            for i, v in enumerate(node.value):
-                key = path + (str(i),)
-                lines[key] = v.start_mark.line + 1
-                walk(v, key)
-
-    if root is not None:
-        walk(root, ())
-    return lines
+        return yamlio.key_lines(yamlio.compose(text))
+    except yamlio.InputError:
+        return {}
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -445,9 +635,11 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not key or any(not p for p in key.split(".")):
         raise ValueError(f"override {item!r} has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        value = raw
+        value = yamlio.load(raw, f"override {key}") if raw != "" else ""
+    except yamlio.YamlSyntaxError:
+        value = raw  # text that is not YAML (`a=b: c`) stays a string
+    except yamlio.InputError as exc:  # a bomb, a repeated key, a value Python cannot hold
+        raise ValueError(f"override {item[:80]!r}: {exc.problem}") from None
     return key.split("."), value
 
 
@@ -508,14 +700,12 @@ def load_spec_data(path: str | Path | None) -> tuple[dict[str, Any], str, str]:
         path = default_spec_path()
     p = Path(path)
     if not p.is_file():
-        raise SpecError(str(p), [("<file>", "no such spec file")])
-    text = p.read_text()
+        raise SpecError(str(p), [("<file>", "no such spec file" if not p.exists() else "not a regular file")])
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark else "<yaml>"
-        raise SpecError(str(p), [(where, f"invalid YAML: {getattr(exc, 'problem', exc)}")]) from None
+        text = yamlio.read_text(p, "spec file")
+        data = yamlio.load(text, str(p))
+    except yamlio.InputError as exc:
+        raise SpecError(str(p), [(f"line {exc.line}" if exc.line else "<file>", exc.problem)]) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -18,7 +18,7 @@ from PIL import Image
 
 from flashctl.data.manifest import read_manifest
 from flashctl.data.prepare import prepare_data
-from flashctl.data.schema import SCHEMA
+from flashctl.data.schema import SCHEMA, row_from_arrow
 from flashctl.errors import UserError
 from flashctl.spec import DataSpec
 
@@ -165,7 +165,7 @@ def test_jsonl_rows_and_every_kind_of_reject(tmp_path):
         assert reason in r["reason"], (r, reason)
     m = read_manifest(tmp_path / "ds")
     assert m.rejects == len(bad) and m.source["type"] == "jsonl"
-    rows = {r["id"]: r for t in _shard_tables(tmp_path / "ds") for r in t.to_pylist()}
+    rows = {r["id"]: row_from_arrow(r) for t in _shard_tables(tmp_path / "ds") for r in t.to_pylist()}
     assert list(rows) == ["t1", "t2", "e1", "t3"]  # input order
     assert (rows["t1"]["aspect"], rows["t1"]["width"], rows["t1"]["height"]) == ("landscape", 48, 32)
     assert Image.open(io.BytesIO(rows["t1"]["image"])).size == (48, 32)
@@ -384,3 +384,45 @@ def test_loader_filters_by_task_and_weights(small_ds):
     assert sorted(got) == sorted(want) and loader.rows == len(want)
     with pytest.raises(UserError, match="no rows match"):
         ShardLoader(small_ds, batch_size=4, categories={"object": 0}, aspects={"square": 1})
+
+
+# ------------------------------------------------------------------------------------------
+# Hugging Face `datasets` reads the shards
+
+
+def test_hf_datasets_reads_prepared_shards_as_image_features(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    from typer.testing import CliRunner
+
+    from flashctl.cli import app
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "ds"
+    res = CliRunner().invoke(app, ["prepare-data", "data.n=12", "data.rows_per_shard=8", "data.seed=5", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    manifest = read_manifest(out)
+    files = [str(p) for p in manifest.shard_paths()]
+    assert len(files) == 2
+    ours = {r["id"]: row_from_arrow(r) for t in _shard_tables(out) for r in t.to_pylist()}
+
+    one = datasets.Dataset.from_file(files[0])
+    loaded = datasets.load_dataset("arrow", data_files=files, split="train", cache_dir=str(tmp_path / "hf-cache"))
+    assert (one.num_rows, loaded.num_rows) == (8, 12)
+    for ds in (one, loaded):
+        for col in ("image", "source_image"):
+            assert isinstance(ds.features[col], datasets.Image), ds.features
+        for col in ("id", "task", "prompt", "aspect", "edit_type", "scene", "source"):
+            assert ds.features[col] == datasets.Value("string"), (col, ds.features[col])
+    seen_edit = False
+    for row in loaded:
+        want = ours[row["id"]]
+        assert isinstance(row["prompt"], str) and row["prompt"] == want["prompt"]
+        assert row["image"].size == (want["width"], want["height"])  # a decoded PIL image
+        assert row["image"].tobytes() == Image.open(io.BytesIO(want["image"])).tobytes()
+        if row["task"] == "edit":
+            seen_edit = True
+            assert row["source_image"].size == (want["width"], want["height"])
+        else:
+            assert row["source_image"] is None
+    assert seen_edit

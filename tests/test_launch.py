@@ -247,16 +247,51 @@ def test_sbatch_for_the_gpu_spec(tmp_path):
     run_dir = spec.run_dir().resolve()
     for expected in (
         "#SBATCH --nodes=8", "#SBATCH --gpus-per-node=8", "#SBATCH --partition=gpu", "#SBATCH --time=24:00:00",
-        "#SBATCH --cpus-per-task=96", "#SBATCH --requeue", f"#SBATCH --signal=B:USR1@{slurm.SIGNAL_LEAD_S}",
+        "#SBATCH --cpus-per-task=96", "#SBATCH --requeue", "#SBATCH --signal=B:USR1@330",
         f"#SBATCH --output={run_dir}/slurm-%j.out", f"#SBATCH --error={run_dir}/slurm-%j.err",
         "export MLFLOW_RUN_ID='abc def'",
     ):  # fmt: skip
         assert expected in lines, expected
-    srun = next(line for line in lines if line.startswith("srun "))
+    srun = next(line for line in lines if line.startswith("srun --kill-on-bad-exit"))
+    # srun does not inherit sbatch's --cpus-per-task (Slurm >= 22.05): it is passed explicitly
+    assert srun.startswith("srun --kill-on-bad-exit=1 --ntasks-per-node=1 --cpus-per-task=96 ")
     assert '--nnodes "$SLURM_NNODES" --nproc_per_node 8 --rdzv_backend c10d' in srun
     assert '--rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT"' in srun
+    # Qwen-Image bf16: 2 engines x 14 B x 20.4B params over 8 nodes at 0.5 GiB/s -> 134 s of
+    # writing + 120 s round + 60 s requeue = 314 -> 330 s lead; torchrun waits 330 - 60 = 270 s
+    assert "--shutdown-timeout 270 " in srun
     assert srun.endswith(f"-m flashctl.distill.worker --run-dir {spec.run_dir()} &")
     assert "DS_ACCELERATOR" not in script and "--account" not in script
+    # the hub weights are resolved once per node before the ranks start, which then read offline
+    prefetch = lines.index(next(line for line in lines if "-m flashctl.launch.slurm prefetch" in line))
+    assert lines[prefetch].startswith("srun --ntasks-per-node=1 --cpus-per-task=96 ")
+    assert f"{run_dir}/spec.resolved.yaml" in lines[prefetch]
+    assert lines.index("export HF_HUB_OFFLINE=1") == prefetch + 1 < lines.index(srun)
+
+
+def test_stop_signal_lead_grows_with_the_checkpoint_and_must_fit_the_time_limit(tmp_path):
+    qwen = load_spec(EXPERIMENTS / "qwen-image-flash.yaml")
+    assert slurm.checkpoint_bytes(qwen) == pytest.approx(2 * 14 * 20.43e9, rel=0.01)
+    assert slurm.signal_lead_s(qwen) == 330
+    one_node = load_spec(EXPERIMENTS / "qwen-image-flash.yaml", ["launch.nnodes=1"])
+    assert slurm.signal_lead_s(one_node) == 1260  # 533 GiB at 0.5 GiB/s = 1066 s + 180 s
+    tiny = load_spec(EXPERIMENTS / "tiny-cpu.yaml", ["launch.backend=slurm"])
+    assert 0 < slurm.checkpoint_bytes(tiny) < 1e9 and slurm.signal_lead_s(tiny) == 210  # 120 + 1 + 60 -> 210
+    assert [slurm.time_limit_s(t) for t in ("30", "30:15", "04:00:00", "1-02", "1-02:03", "1-02:03:04", "UNLIMITED")] == [
+        1800, 1815, 14400, 93600, 93780, 93784, None]
+    short = load_spec(EXPERIMENTS / "qwen-image-flash.yaml", ["launch.nnodes=1", "launch.slurm.time=00:20:00"])
+    with pytest.raises(UserError, match=r"launch.slurm.time: 00:20:00 .* 1260 s before the limit"):
+        slurm.render_sbatch(short, tmp_path, ["true"])
+
+
+def test_local_models_need_no_prefetch_step(tmp_path):
+    spec = load_spec(EXPERIMENTS / "tiny-cpu.yaml", ["launch.backend=slurm", "launch.slurm.cpus_per_task=4"])
+    assert slurm.hub_models(spec) == []
+    script = slurm.render_sbatch(spec, tmp_path, ["true"])
+    assert "prefetch" not in script and "HF_HUB_OFFLINE" not in script
+    assert "srun --kill-on-bad-exit=1 --ntasks-per-node=1 --cpus-per-task=4 " in script
+    assert slurm.hub_models(load_spec(EXPERIMENTS / "qwen-image-flash.yaml")) == [
+        "Qwen/Qwen-Image-Edit-2509", "Qwen/Qwen-Image"]
 
 
 def test_sbatch_on_cpu_has_no_gpu_request_and_checks_gpu_counts(tmp_path):

@@ -254,3 +254,37 @@ def test_vae_training_lowers_reconstruction_error_and_sets_stats():
     zn = (z - torch.tensor(mean).view(1, -1, 1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1, 1)
     assert torch.allclose(zn.mean(dim=(0, 2, 3, 4)), torch.zeros(4), atol=1e-3)
     assert torch.allclose(zn.std(dim=(0, 2, 3, 4)), torch.ones(4), atol=1e-2)
+
+
+# Qwen/Qwen-Image's scheduler config (dynamic shifting + shift_terminal): a teacher's schedule
+# that is not the student's.
+QWEN_IMAGE_SCHEDULER = {
+    "base_image_seq_len": 256, "base_shift": 0.5, "max_image_seq_len": 8192, "max_shift": 0.9,
+    "num_train_timesteps": 1000, "shift": 1.0, "shift_terminal": 0.02, "time_shift_type": "exponential",
+    "use_dynamic_shifting": True,
+}
+
+
+def test_exported_student_pipeline_samples_on_the_training_grid(adapter, tmp_path):
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
+
+    from flashctl.distill.schedules import student_scheduler, student_sigmas
+    from flashctl.models.export import save_components
+
+    teacher_sched = FlowMatchEulerDiscreteScheduler.from_config(QWEN_IMAGE_SCHEDULER)
+    student_sched = student_scheduler(teacher_sched, 3.0)
+    out = save_components({**adapter.components(), "scheduler": student_sched}, tmp_path / "student")
+    pipe = QwenImagePipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = ["a red circle on a white background"]
+    theirs = pipe(prompts, height=32, width=32, num_inference_steps=4, true_cfg_scale=1.0,
+                  generator=torch.Generator().manual_seed(7), output_type="latent").images
+    # the pipeline's own timestep retrieval lands on the grid the student was trained on
+    assert torch.allclose(pipe.scheduler.sigmas, student_sigmas(4, 3.0), atol=1e-6, rtol=0), pipe.scheduler.sigmas
+    # samples during training / evaluation (adapter.sample with the student's scheduler) = the exported pipeline
+    ours = adapter.sample(adapter.transformer, prompts, 32, 32, 4, seed=7, output_type="latent", scheduler=student_sched)
+    assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
+    # the teacher keeps its own schedule: another grid, other samples
+    as_teacher = adapter.sample(adapter.transformer, prompts, 32, 32, 4, seed=7, output_type="latent", scheduler=teacher_sched)
+    assert not torch.allclose(as_teacher, ours, atol=1e-3)
+    assert teacher_sched.config.shift_terminal == 0.02 and teacher_sched.config.use_dynamic_shifting

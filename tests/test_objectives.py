@@ -225,8 +225,8 @@ def test_task_mixture_is_deterministic_and_rank_independent():
 SPEC = {"edit": "edit-teacher"}
 
 
-def pick(policy, task, step, tau=0.5, steps=(2, 3), sigma_range=None):
-    return guidance.real_score_teacher(policy, task, step, tau, "base", SPEC, steps, sigma_range)
+def pick(policy, task, step, sigma=0.5, steps=(2, 3), student_sigma_range=None):
+    return guidance.real_score_teacher(policy, task, step, sigma, "base", SPEC, steps, student_sigma_range)
 
 
 def test_single_policy_always_uses_the_base_teacher():
@@ -243,17 +243,64 @@ def test_stepwise_policy_uses_the_specialist_only_at_chosen_steps():
     assert [pick("stepwise", "t2i", k) for k in range(4)] == ["base"] * 4
 
 
-def test_stepwise_policy_with_a_sigma_range():
-    kw = dict(steps=(0, 1, 2, 3), sigma_range=(0.0, 0.4))
-    assert pick("stepwise", "edit", 1, tau=0.3, **kw) == "edit-teacher"
-    assert pick("stepwise", "edit", 1, tau=0.4, **kw) == "edit-teacher"  # inclusive bounds
-    assert pick("stepwise", "edit", 1, tau=0.7, **kw) == "base"
-    # both conditions must hold: in range but not a chosen step -> base
-    assert pick("stepwise", "edit", 0, tau=0.3, steps=(2,), sigma_range=(0.0, 0.4)) == "base"
-    with pytest.raises(ValueError, match="tau"):
-        pick("stepwise", "edit", 2, tau=None, **kw)
+def test_stepwise_policy_with_a_student_sigma_range_on_the_training_grid():
+    grid = [float(x) for x in schedules.student_sigmas(4, 3.0)[:4]]  # the levels training feeds: 1, .9, .75, .5
+    kw = dict(steps=(0, 1, 2, 3), student_sigma_range=(0.5, 0.8))
+    assert [pick("stepwise", "edit", k, sigma=grid[k], **kw) for k in range(4)] == ["base", "base", "edit-teacher", "edit-teacher"]
+    # inclusive bounds: .75 is the upper bound
+    assert pick("stepwise", "edit", 2, sigma=grid[2], steps=(2,), student_sigma_range=(0.6, 0.75)) == "edit-teacher"
+    # both conditions must hold: level in range but the step is not chosen -> base
+    assert pick("stepwise", "edit", 3, sigma=grid[3], steps=(2,), student_sigma_range=(0.4, 0.8)) == "base"
+    with pytest.raises(ValueError, match="sigma"):
+        pick("stepwise", "edit", 2, sigma=None, **kw)
 
 
 def test_teacher_for_reads_a_guidance_spec():
     g = GuidanceSpec(policy="stepwise", base="base", specialised={"edit": "e"}, steps=[3])
     assert [guidance.teacher_for(g, "edit", k, 0.5) for k in range(4)] == ["base"] * 3 + ["e"]
+    g = GuidanceSpec(policy="stepwise", specialised={"edit": "e"}, steps=[0, 1, 2, 3], student_sigma_range=(0.0, 0.8))
+    grid = schedules.student_sigmas(4, 3.0)
+    assert [guidance.teacher_for(g, "edit", k, float(grid[k])) for k in range(4)] == ["base", "base", "e", "e"]
+
+
+# --- the student's own scheduler -----------------------------------------------------------
+
+# Qwen/Qwen-Image's scheduler/scheduler_config.json (the fields that move the grid).
+QWEN_IMAGE_SCHEDULER = {
+    "base_image_seq_len": 256, "base_shift": 0.5, "invert_sigmas": False, "max_image_seq_len": 8192,
+    "max_shift": 0.9, "num_train_timesteps": 1000, "shift": 1.0, "shift_terminal": 0.02,
+    "stochastic_sampling": False, "time_shift_type": "exponential", "use_beta_sigmas": False,
+    "use_dynamic_shifting": True, "use_exponential_sigmas": False, "use_karras_sigmas": False,
+}
+
+
+def pipeline_sigmas(scheduler, steps: int, image_seq_len: int) -> torch.Tensor:
+    """The sigmas QwenImagePipeline.__call__ sets: the same arguments to retrieve_timesteps."""
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift, retrieve_timesteps
+
+    c = scheduler.config
+    mu = calculate_shift(image_seq_len, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+                         c.get("base_shift", 0.5), c.get("max_shift", 1.15))
+    retrieve_timesteps(scheduler, steps, "cpu", sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+    return scheduler.sigmas
+
+
+@pytest.mark.parametrize("steps,shift", [(4, 3.0), (8, 2.5), (1, 3.0), (2, 1.0)])
+@pytest.mark.parametrize("image_seq_len", [256, 4096, 6480])  # 512^2, 1024^2, 1328x800 px
+def test_student_scheduler_reproduces_the_training_grid_under_the_pipeline(steps, shift, image_seq_len):
+    teacher = FlowMatchEulerDiscreteScheduler.from_config(QWEN_IMAGE_SCHEDULER)
+    student = schedules.student_scheduler(teacher, shift)
+    got = pipeline_sigmas(student, steps, image_seq_len)
+    assert torch.allclose(got, schedules.student_sigmas(steps, shift), atol=1e-6, rtol=0), got
+    # the teacher is untouched and keeps its own (dynamic, shift_terminal) schedule
+    assert teacher.config.shift_terminal == 0.02 and teacher.config.use_dynamic_shifting
+    if steps == 4 and shift == 3.0:
+        t = pipeline_sigmas(teacher, steps, image_seq_len)
+        assert abs(float(t[3]) - 0.02) < 1e-6  # stretched to the terminal: not the student's .5
+
+
+def test_student_scheduler_survives_a_save_and_load(tmp_path):
+    teacher = FlowMatchEulerDiscreteScheduler.from_config(QWEN_IMAGE_SCHEDULER)
+    schedules.student_scheduler(teacher, 3.0).save_pretrained(tmp_path)
+    loaded = FlowMatchEulerDiscreteScheduler.from_pretrained(tmp_path)
+    assert torch.allclose(pipeline_sigmas(loaded, 4, 4096), torch.tensor([1.0, 0.9, 0.75, 0.5, 0.0]), atol=1e-6)

@@ -59,14 +59,17 @@ def test_bf16_zero3_rows_equal_deepspeeds_estimator_and_fit_only_with_checkpoint
     n, largest = student.size.total, student.size.largest_layer
     assert student.total_gb * 1024**3 == pytest.approx(18 * n / 64 + 4 * largest, rel=1e-6)
     assert [c.name for c in result.components] == [
-        "student", "critic", "teacher base", "teacher edit", "text encoder", "vae"
+        "student", "critic", "teacher base", "teacher t2i", "text encoder", "vae"
     ]  # fmt: skip
+    # the worker's adapter holds the text encoder and VAE in fp32 on every rank: 4 bytes/param
+    te = _row(result, "text encoder")
+    assert te.placement == "replicated" and te.total_gb * 1024**3 == pytest.approx(4 * te.size.total)
     assert _row(result, "teacher base").placement == "ZeRO-3 /64"
     assert not result.fits and result.fits_ckpt
     assert result.activations.checkpointed_gb < result.activations.full_gb / 5
-    # CPU optimizer offload is listed and fits; it removes gradients + optimizer states from the GPU.
+    # CPU optimizer offload is listed; it removes gradients + optimizer states from the GPU.
     offload = next(o for o in result.offload_options if o.offload_optimizer == "cpu" and o.offload_param == "none")
-    assert offload.fits and offload.model_states_gb < result.model_states_gb
+    assert offload.fits_ckpt and offload.model_states_gb < result.model_states_gb
     assert offload.cpu_per_node_gb > 0
 
 
@@ -102,7 +105,10 @@ def test_tiny_spec_fits_and_renders():
     for table in render_plan(result):
         console.print(table)
     text = console.export_text()
-    assert "Memory per GPU (MB)" in text and "fits" in text and "teacher base" in text
+    assert "Memory per GPU (MiB)" in text and "fits" in text and "teacher base" in text
+    assert " GB" not in text and " MB" not in text  # the numbers are GiB / MiB and say so
+    # on CPU the worker keeps teachers as plain replicas, and so does the plan
+    assert _row(result, "teacher base").placement == "replicated"
 
 
 def test_nfe_per_step():
@@ -120,10 +126,31 @@ def test_nfe_per_step():
 def test_teachers_used_follow_policy_and_mixture():
     assert teachers_used(load_spec(TINY, ["guidance.policy=single"])) == ["base"]
     assert teachers_used(load_spec(TINY, ["guidance.policy=stepwise"])) == ["base", "edit"]
-    assert teachers_used(load_spec(TINY, ["guidance.policy=specialised", "mixture.t2i=0"])) == ["edit"]
+    # the base teacher is held even when never picked (the worker loads it: anchor, evaluation)
+    assert teachers_used(load_spec(TINY, ["guidance.policy=specialised", "mixture.t2i=0"])) == ["base", "edit"]
+    assert nfe_estimate(load_spec(TINY, ["guidance.policy=specialised", "mixture.t2i=0"])).teachers_used == ["edit"]
     assert teachers_used(load_spec(TINY, ["guidance.policy=stepwise", "mixture.edit=0"])) == ["base"]
     single = plan(load_spec(TINY, ["guidance.policy=single"]))
     assert [c.name for c in single.components if c.role == "teacher"] == ["teacher base"]
+
+
+@pytest.mark.parametrize("path", [TINY, QWEN], ids=["tiny", "qwen"])
+def test_plan_counts_the_teachers_the_worker_holds_in_every_ablation_cell(path):
+    base = load_spec(path)
+    for factor, levels in base.ablations.items():
+        for level, overrides in levels.items():
+            spec = load_spec(path, overrides)
+            rows = [c.name.removeprefix("teacher ") for c in plan(spec).components if c.role == "teacher"]
+            assert rows == spec.teachers_held(), (factor, level)
+
+
+def test_end_of_run_evaluation_copies_are_counted_on_rank_0():
+    result = plan(load_spec(QWEN))
+    n = _row(result, "student").size.total
+    # bf16: a whole student + a whole base teacher (teachers are partitioned during training)
+    assert result.eval_copies_gb * 1024**3 == pytest.approx(2 * n + 2 * _row(result, "teacher base").size.total)
+    assert result.eval_peak_gb == pytest.approx(result.model_states_gb + result.eval_copies_gb + result.overhead_gb)
+    assert plan(load_spec(QWEN, ["eval.enabled=false"])).eval_copies_gb == 0
 
 
 def test_local_pipeline_folder_is_read_and_unknown_paths_are_user_errors(tmp_path):

@@ -220,6 +220,11 @@ def test_no_grid_or_no_store_is_a_one_line_user_error(store, tmp_path, monkeypat
         assert "\n" not in str(exc.value)
     with pytest.raises(UserError, match="--format: unknown format 'pdf'"):
         make_report(store, formats="csv,pdf", console=quiet())
+    with pytest.raises(UserError, match="--tracking-uri: 'foo://bar': scheme 'foo' is not one of"):
+        make_report("foo://bar", console=quiet())
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite://")
+    with pytest.raises(UserError, match="MLFLOW_TRACKING_URI: .*SQLite store is sqlite:///"):
+        make_report(console=quiet())
     assert not (tmp_path / "reports").exists()
 
 

@@ -17,8 +17,12 @@ Choices (documented here because users see their effects):
 * Images (after EXIF orientation) are converted to RGB, centre-cropped to the aspect's spec
   ratio and resized to the spec size for that aspect (`data.sizes`) with Lanczos, then stored
   as PNG: every row of one aspect has the same size, so the loader can stack a batch.
-* Image paths are relative to the manifest's directory; absolute paths, ``..`` and symlinks
-  that leave that directory are rejected.
+* Image paths are relative to the manifest's directory; absolute paths, ``..``, control
+  characters and symlinks that leave that directory are rejected.
+* Bounded work per row, whatever the input: lines longer than `MAX_LINE_BYTES`, image files
+  larger than `MAX_IMAGE_BYTES` and images of more than `MAX_IMAGE_PIXELS` (checked from the
+  header, before decoding: a 100 KB PNG can claim 10^9 pixels) are rejected; JSON with
+  repeated keys, nesting too deep for the interpreter or numbers too long is a bad row.
 * Rows are validated fully (images included) before the composition weights are applied,
   so the rejects do not depend on the weights.
 """
@@ -26,14 +30,21 @@ Choices (documented here because users see their effects):
 from __future__ import annotations
 
 import io
-import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from flashctl.data.schema import ASPECTS, CATEGORIES, aspect_of
+from flashctl.yamlio import InputError, load_json
 
 DEFAULT_CATEGORY = "object"
+MAX_LINE_BYTES = 1 << 20
+"""Longest JSONL line read (a row holds text and image paths, not images)."""
+MAX_IMAGE_BYTES = 64 << 20
+"""Largest image file opened."""
+MAX_IMAGE_PIXELS = 40_000_000
+"""Most pixels of an input image (e.g. 8000 x 5000); rows are resized to tens of pixels."""
 T2I_KEYS = ("id", "prompt", "category", "size", "image")
 EDIT_KEYS = ("id", "instruction", "source_image", "target_image", "edit_type", "category")
 _REQUIRED = {"t2i": ("id", "prompt"), "edit": ("id", "instruction", "source_image")}
@@ -91,6 +102,8 @@ def _text(obj: dict[str, Any], key: str, required: bool) -> str | None:
 
 
 def _safe_path(base: Path, rel: str, key: str) -> Path:
+    if any(ord(c) < 32 or ord(c) == 127 for c in rel):
+        raise _Bad(f"bad path: {key} {rel[:60]!r} contains control characters")
     if PurePosixPath(rel).is_absolute() or PureWindowsPath(rel).is_absolute() or PureWindowsPath(rel).drive:
         raise _Bad(f"path escapes the manifest directory: {key} {rel!r} is absolute")
     if ".." in PurePosixPath(rel.replace("\\", "/")).parts:
@@ -106,11 +119,21 @@ def _open_image(path: Path, rel: str):
 
     if not path.is_file():
         raise _Bad(f"image not found: {rel!r}")
+    size = path.stat().st_size
+    if size > MAX_IMAGE_BYTES:
+        raise _Bad(f"image too large: {rel!r} is {size:,} bytes (at most {MAX_IMAGE_BYTES:,})")
     try:
-        with Image.open(path) as img:
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            return img.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                w, h = img.size
+                if w * h > MAX_IMAGE_PIXELS:
+                    raise _Bad(f"image too large: {rel!r} is {w}x{h} pixels (at most {MAX_IMAGE_PIXELS:,})")
+                img.load()
+                img = ImageOps.exif_transpose(img)
+                return img.convert("RGB")
+    except _Bad:
+        raise
     # Pillow signals undecodable input with many exception types (OSError, SyntaxError,
     # ValueError, DecompressionBombError, ...): any of them means "corrupt image".
     except Exception as exc:  # noqa: BLE001
@@ -213,9 +236,9 @@ def process_lines(
         obj: Any = None
         try:
             try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise _Bad(f"bad JSON: {exc.msg} at column {exc.colno}") from None
+                obj = load_json(text, file, line_no)
+            except InputError as exc:
+                raise _Bad(exc.problem.replace("invalid JSON", "bad JSON", 1)) from None
             row = _row(obj, ctx, file_index)
         except _Bad as exc:
             rejects.append(Reject(file, line_no, _row_id(obj), str(exc), (file_index, line_no)))

@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from flashctl.data.manifest import Manifest, read_manifest
-from flashctl.data.schema import ASPECTS
+from flashctl.data.schema import ASPECTS, row_from_arrow
 from flashctl.errors import UserError
 from flashctl.spec import DataSpec
 
@@ -60,7 +60,10 @@ class _Shards:
     def table(self, i: int) -> pa.Table:
         if i not in self._tables:
             # memory_map: buffers point into the file; only touched pages are read.
-            self._tables[i] = pa.ipc.open_stream(pa.memory_map(str(self.paths[i]))).read_all()
+            try:
+                self._tables[i] = pa.ipc.open_stream(pa.memory_map(str(self.paths[i]))).read_all()
+            except (pa.ArrowInvalid, OSError) as exc:
+                raise UserError(f"{self.paths[i]}: corrupt Arrow shard ({str(exc).splitlines()[0][:120]})") from None
         return self._tables[i]
 
     def rows(self, indices: np.ndarray) -> list[dict[str, Any]]:
@@ -71,7 +74,7 @@ class _Shards:
             sel = np.flatnonzero(shard_of == s)
             local = pa.array(indices[sel] - self.offsets[s])
             for j, row in zip(sel, self.table(int(s)).take(local).to_pylist()):
-                out[j] = row
+                out[j] = row_from_arrow(row)
         return out  # type: ignore[return-value]
 
     def __getstate__(self) -> dict[str, Any]:

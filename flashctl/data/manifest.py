@@ -16,6 +16,11 @@ from typing import Any
 
 from flashctl.data.schema import SCHEMA_VERSION
 from flashctl.errors import UserError
+from flashctl.io import atomic_write_text
+from flashctl.yamlio import load_json_file
+
+ARROW_EOS = b"\xff\xff\xff\xff\x00\x00\x00\x00"
+"""The end-of-stream marker that closes every complete Arrow IPC stream."""
 
 MANIFEST_NAME = "manifest.json"
 REJECTS_NAME = "rejects.jsonl"
@@ -92,14 +97,30 @@ def fsync_dir(path: Path) -> None:
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON (sorted keys, stable bytes) to `path` via a temp file + fsync + os.replace."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=2, sort_keys=True)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """Write JSON (sorted keys, stable bytes) to `path` atomically (`io.atomic_write_text`:
+    temp file + fsync + os.replace, the temp file removed on failure)."""
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def check_shard_file(path: Path) -> None:
+    """Cheap structural check of a shard: an Arrow IPC stream with this flashctl's schema and
+    its end-of-stream marker (a truncated or foreign file fails here, before any batch is
+    read). Reads the schema message and the last 8 bytes only."""
+    import pyarrow as pa
+
+    from flashctl.data.schema import SCHEMA
+
+    try:
+        with pa.memory_map(str(path)) as src:
+            schema = pa.ipc.open_stream(src).schema
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise UserError(f"{path}: not an Arrow IPC stream ({str(exc).splitlines()[0][:120]})") from None
+    if not schema.equals(SCHEMA):
+        raise UserError(f"{path}: Arrow schema differs from this flashctl's shard schema; re-run `flashctl prepare-data`")
+    with open(path, "rb") as fh:
+        fh.seek(max(0, path.stat().st_size - len(ARROW_EOS)))
+        if fh.read() != ARROW_EOS:
+            raise UserError(f"{path}: Arrow stream is truncated (no end-of-stream marker)")
 
 
 def _field(doc: dict[str, Any], key: str, typ: type, where: Path) -> Any:
@@ -119,10 +140,7 @@ def read_manifest(root: str | Path, *, verify: bool = True) -> Manifest:
     path = root / MANIFEST_NAME
     if not path.is_file():
         raise UserError(f"{path}: no manifest (run `flashctl prepare-data` first)")
-    try:
-        doc = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: not valid JSON ({exc})") from None
+    doc = load_json_file(path, "dataset manifest")
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise UserError(f"{path}: not a flashctl dataset manifest (format != {FORMAT!r})")
     if doc.get("schema_version") != SCHEMA_VERSION:
@@ -133,11 +151,14 @@ def read_manifest(root: str | Path, *, verify: bool = True) -> Manifest:
     shards = []
     for i, s in enumerate(_field(doc, "shards", list, path)):
         try:
-            shards.append(ShardEntry(file=str(s["file"]), rows=int(s["rows"]), sha256=str(s["sha256"]), bytes=int(s["bytes"])))
-        except (KeyError, TypeError, ValueError):
+            if not isinstance(s["file"], str):
+                raise TypeError
+            shards.append(ShardEntry(file=s["file"], rows=int(s["rows"]), sha256=str(s["sha256"]), bytes=int(s["bytes"])))
+        except (KeyError, TypeError, ValueError, OverflowError):
             raise UserError(f"{path}: shards[{i}] needs file, rows, sha256, bytes") from None
-        if Path(s["file"]).name != s["file"]:
-            raise UserError(f"{path}: shards[{i}].file {s['file']!r} must be a plain file name")
+        name = shards[-1].file
+        if Path(name).name != name or name in ("", ".", "..") or "\x00" in name:
+            raise UserError(f"{path}: shards[{i}].file {name[:60]!r} must be a plain file name")
     rows = _field(doc, "rows", int, path)
     if rows != sum(s.rows for s in shards):
         raise UserError(f"{path}: rows {rows} != sum of shard rows {sum(s.rows for s in shards)}")
@@ -151,6 +172,7 @@ def read_manifest(root: str | Path, *, verify: bool = True) -> Manifest:
         size = shard_path.stat().st_size
         if size != s.bytes:
             raise UserError(f"{shard_path}: {size} bytes, manifest says {s.bytes} (corrupt or partial shard)")
+        check_shard_file(shard_path)
         if verify:
             actual = file_sha256(shard_path)
             if actual != s.sha256:

@@ -27,10 +27,9 @@ import multiprocessing as mp
 import os
 import shutil
 import signal
-import threading
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import closing, contextmanager
+from contextlib import closing
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -38,7 +37,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from flashctl.data.jsonl import JsonlContext, Reject, process_lines
+from flashctl.data.jsonl import MAX_LINE_BYTES, JsonlContext, Reject, process_lines
 from flashctl.data.manifest import (
     FORMAT,
     MANIFEST_NAME,
@@ -59,6 +58,7 @@ from flashctl.data.shards import ShardWriter, WrittenShard
 from flashctl.errors import UserError
 from flashctl.progress import StepProgress
 from flashctl.spec import DataSpec
+from flashctl.system import signals_interrupt
 
 CHUNK = 100
 """Input rows (shapes indices or JSONL lines) per work item; fixed so output is independent
@@ -121,6 +121,8 @@ def _shapes_chunk(params: dict[str, Any], bounds: tuple[int, int]) -> ChunkResul
             aspects=params["aspects"],
             sizes=params["sizes"],
             edit_fraction=params["edit_fraction"],
+            open_attributes=params.get("open_attributes", 0.0),
+            ref_edits=params.get("ref_edits", 0.0),
         )
         extra = set(row) - set(COLUMNS)
         if extra:
@@ -133,10 +135,14 @@ def _shapes_chunk(params: dict[str, Any], bounds: tuple[int, int]) -> ChunkResul
     return ChunkResult(rows_to_batch(rows), origins, [], filtered, stop - start)
 
 
-def _jsonl_chunk(ctx: JsonlContext, lines: list[tuple[int, int, bytes]]) -> ChunkResult:
-    """Validate and convert one chunk of JSONL lines."""
+def _jsonl_chunk(ctx: JsonlContext, lines: list[tuple[int, int, bytes | None]]) -> ChunkResult:
+    """Validate and convert one chunk of JSONL lines (None: a line too long to read)."""
     decoded, rejects = [], []
     for file_index, line_no, raw in lines:
+        if raw is None:
+            reason = f"bad JSON: line longer than {MAX_LINE_BYTES:,} bytes"
+            rejects.append(Reject(ctx.files[file_index], line_no, None, reason, (file_index, line_no)))
+            continue
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
@@ -197,16 +203,40 @@ def _shapes_plan(data: DataSpec) -> _Plan:
         "aspects": dict(data.aspects),
         "sizes": {k: tuple(v) for k, v in data.sizes.items()},
         "edit_fraction": data.edit_fraction,
+        "open_attributes": data.open_attributes,
+        "ref_edits": data.ref_edits,
     }
     items = ((s, min(s + CHUNK, data.n)) for s in range(0, data.n, CHUNK))
     return _Plan(partial(_shapes_chunk, params), items, data.n, {"type": "shapes", "generator": f"{record_at.__module__}.record_at"})
 
 
-def _jsonl_lines(paths: list[Path]) -> Iterator[list[tuple[int, int, bytes]]]:
-    chunk: list[tuple[int, int, bytes]] = []
+def _read_lines(fh: Any) -> Iterator[bytes | None]:
+    """The lines of a binary file, None for a line longer than `MAX_LINE_BYTES` (skipped
+    without holding it: a 10 GB file without newlines costs 1 MiB of memory)."""
+    while raw := fh.readline(MAX_LINE_BYTES + 1):
+        if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+            while (more := fh.readline(MAX_LINE_BYTES)) and not more.endswith(b"\n"):
+                pass
+            yield None
+        else:
+            yield raw
+
+
+def _count_lines(path: Path) -> int:
+    """Lines of a file (for the progress bar), counted in blocks, not held."""
+    n, last = 0, b"\n"
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            n += block.count(b"\n")
+            last = block[-1:]
+    return n + (last != b"\n")
+
+
+def _jsonl_lines(paths: list[Path]) -> Iterator[list[tuple[int, int, bytes | None]]]:
+    chunk: list[tuple[int, int, bytes | None]] = []
     for file_index, path in enumerate(paths):
         with open(path, "rb") as fh:
-            for line_no, raw in enumerate(fh, start=1):
+            for line_no, raw in enumerate(_read_lines(fh), start=1):
                 chunk.append((file_index, line_no, raw))
                 if len(chunk) == CHUNK:
                     yield chunk
@@ -222,10 +252,7 @@ def _jsonl_plan(data: DataSpec) -> _Plan:
     for p in paths:
         if not p.is_file():
             raise UserError(f"{p}: JSONL manifest not found (data.manifests)")
-    total = 0
-    for p in paths:
-        with open(p, "rb") as fh:
-            total += sum(1 for _ in fh)
+    total = sum(_count_lines(p) for p in paths)
     ctx = JsonlContext(
         files=tuple(str(p) for p in paths),
         base_dirs=tuple(str(p.resolve().parent) for p in paths),
@@ -283,23 +310,6 @@ def _publish(staging: Path, out: Path, names: list[str], shards: list[WrittenSha
     fsync_dir(out)
 
 
-@contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """Turn SIGTERM into KeyboardInterrupt so cleanup runs (main thread only)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 # ------------------------------------------------------------------------------------------
 
 
@@ -330,7 +340,7 @@ def prepare_data(
     out.mkdir(parents=True, exist_ok=True)
     staging = _claim_staging(out)
     try:
-        with _sigterm_as_interrupt():
+        with signals_interrupt():  # SIGTERM: clean-up runs as for Ctrl-C
             return _build(data, plan, out, staging, workers=workers, strict=strict, progress=progress)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

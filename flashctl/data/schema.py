@@ -4,18 +4,29 @@ Every shard is an Arrow IPC *stream* file (what Hugging Face `datasets` writes a
 `data-00000-of-00004.arrow`) whose schema is exactly `SCHEMA` below. Each field carries a
 `doc` entry in its Arrow metadata, so the documentation travels with the data.
 
-Images are stored as PNG bytes already resized to the spec's size for the row's aspect
-(`width` x `height`), so a batch of one aspect stacks without further resizing.
+Images are PNGs already resized to the spec's size for the row's aspect (`width` x
+`height`), so a batch of one aspect stacks without further resizing. They are stored the way
+Hugging Face `datasets` stores an `Image` feature -- `struct<bytes: binary, path: string>`,
+`path` null -- and the schema metadata carries `datasets`' feature description under
+`huggingface`, so `datasets.Dataset.from_file(shard)` and `load_dataset("arrow", ...)` show
+the image columns as `Image` (decoding to PIL) and the text columns as `string`. flashctl's
+own readers unwrap the struct (`row_from_arrow`): in Python a row's image is PNG bytes.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
-"""Bumped whenever a column is added, removed or changes meaning."""
+SCHEMA_VERSION = 2
+"""Bumped whenever a column is added, removed or changes meaning (2: images as `datasets`
+Image structs instead of plain binary)."""
+
+IMAGE_TYPE = pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())])
+"""Arrow storage of `datasets.Image` (exactly `datasets.Image().pa_type`)."""
+IMAGE_COLUMNS = ("image", "source_image")
 
 TASKS = ("t2i", "edit")
 CATEGORIES = ("object", "scene", "text")
@@ -32,16 +43,30 @@ _COLUMNS: list[tuple[str, pa.DataType, bool, str]] = [
     ("height", pa.int32(), False, "Image height in pixels (the spec size for the aspect)."),
     ("prompt", pa.string(), False, "T2I prompt, or the edit instruction for edit rows."),
     ("edit_type", pa.string(), True, "Edit rows: recolour/remove/add/move/background (or a user label); null for T2I."),
-    ("image", pa.binary(), True, "PNG bytes: the T2I image or the edit target; null when the source has none."),
-    ("source_image", pa.binary(), True, "PNG bytes of the image to edit (edit rows); null for T2I."),
+    ("image", IMAGE_TYPE, True, "PNG {bytes, path: null}: the T2I image or the edit target; null when the source has none."),
+    ("source_image", IMAGE_TYPE, True, "PNG {bytes, path: null} of the image to edit (edit rows); null for T2I."),
     ("scene", pa.string(), True, "JSON scene description of `image` (shapes world); null otherwise."),
     ("source_scene", pa.string(), True, "JSON scene description of `source_image` (shapes edits); null otherwise."),
     ("source", pa.string(), False, "Where the row came from: 'shapes' or 'jsonl:<manifest path>'."),
 ]
 
+
+
+def hf_features() -> dict[str, Any]:
+    """`datasets.Features.to_dict()` of the shard schema: `Image` for the image columns,
+    `Value(<arrow type>)` for the others (what `datasets` reads from the `huggingface` key)."""
+    return {
+        name: {"_type": "Image"} if name in IMAGE_COLUMNS else {"dtype": str(typ), "_type": "Value"}
+        for name, typ, _, _ in _COLUMNS
+    }
+
+
 SCHEMA: pa.Schema = pa.schema(
     [pa.field(name, typ, nullable=nullable, metadata={"doc": doc}) for name, typ, nullable, doc in _COLUMNS],
-    metadata={"flashctl.schema_version": str(SCHEMA_VERSION)},
+    metadata={
+        "flashctl.schema_version": str(SCHEMA_VERSION),
+        "huggingface": json.dumps({"info": {"features": hf_features()}}),
+    },
 )
 """The Arrow schema of every shard (field docs in each field's metadata under `doc`)."""
 
@@ -66,5 +91,20 @@ def schema_json() -> list[dict[str, Any]]:
 
 
 def rows_to_batch(rows: list[dict[str, Any]]) -> pa.RecordBatch:
-    """Build a record batch in `SCHEMA` from row dicts (missing nullable keys become null)."""
-    return pa.RecordBatch.from_pylist(rows, schema=SCHEMA)
+    """Build a record batch in `SCHEMA` from row dicts (missing nullable keys become null;
+    image columns hold PNG bytes or None, wrapped here into the `Image` struct)."""
+
+    def wrap(value: Any) -> Any:
+        return {"bytes": value, "path": None} if isinstance(value, (bytes, bytearray)) else value
+
+    wrapped = [{**r, **{k: wrap(r.get(k)) for k in IMAGE_COLUMNS}} for r in rows]
+    return pa.RecordBatch.from_pylist(wrapped, schema=SCHEMA)
+
+
+def row_from_arrow(row: dict[str, Any]) -> dict[str, Any]:
+    """A row as read from a shard (`to_pylist`) with its images as PNG bytes (or None)."""
+    for k in IMAGE_COLUMNS:
+        value = row.get(k)
+        if isinstance(value, dict):
+            row[k] = value.get("bytes")
+    return row

@@ -4,11 +4,16 @@
 * ``specialised``: the task's specialised teacher (if one is configured for the task) for
   every sample of that task; the base teacher otherwise.
 * ``stepwise``: the base teacher anchors; the task's specialised teacher is used only when
-  the student step is in ``steps`` AND (if ``sigma_range`` is set) the re-noise level tau lies
-  in [lo, hi]. To select by noise range alone, list every student step in ``steps``.
+  the student step k is in ``steps`` AND (if ``student_sigma_range`` is set) the student's
+  input level sigma_k (its training grid, `schedules.student_sigmas`) lies in [lo, hi]. To
+  select by noise level alone, list every student step in ``steps``.
+
+The teacher is chosen per batch, before the re-noise level tau of the DM gradient is drawn
+(tau is drawn per sample, and one teacher forward serves the whole batch), so the noise-level
+rule reads the student's level, which every sample of the batch shares.
 
 The choice must be the same on every rank when teachers are ZeRO-3 partitioned: pass a
-``student_step`` and ``tau`` drawn from an RNG seeded by the global step (not per rank).
+``student_step`` drawn from an RNG seeded by the global step (not per rank).
 """
 
 from __future__ import annotations
@@ -25,13 +30,14 @@ def real_score_teacher(
     policy: Policy,
     task: str,
     student_step: int,
-    tau: float | None,
+    sigma: float | None,
     base: str,
     specialised: Mapping[str, str],
     steps: Sequence[int],
-    sigma_range: tuple[float, float] | None,
+    student_sigma_range: tuple[float, float] | None,
 ) -> str:
-    """Name of the teacher whose (CFG) prediction is the real score for this sample."""
+    """Name of the teacher whose (CFG) prediction is the real score for this batch;
+    `sigma` is the student step's input level sigma_k (needed with a `student_sigma_range`)."""
     if policy == "single":
         return base
     expert = specialised.get(task)
@@ -42,25 +48,27 @@ def real_score_teacher(
     if policy == "stepwise":
         if student_step not in steps:
             return base
-        if sigma_range is not None:
-            if tau is None:
-                raise ValueError("stepwise guidance with a sigma_range needs the re-noise level tau")
-            lo, hi = sigma_range
-            if not lo <= tau <= hi:
+        if student_sigma_range is not None:
+            if sigma is None:
+                raise ValueError("stepwise guidance with a student_sigma_range needs the student step's sigma")
+            lo, hi = student_sigma_range
+            if not lo <= sigma <= hi:
                 return base
         return expert
     raise ValueError(f"unknown guidance policy {policy!r}")
 
 
-def teacher_for(guidance: GuidanceSpec, task: str, student_step: int, tau: float | None) -> str:
-    """`real_score_teacher` with the fields of a spec's GuidanceSpec."""
+def teacher_for(guidance: GuidanceSpec, task: str, student_step: int, sigma: float | None) -> str:
+    """`real_score_teacher` with the fields of a spec's GuidanceSpec; `sigma` = sigma_k of
+    the student's training grid at `student_step`."""
+    rng = guidance.student_sigma_range
     return real_score_teacher(
         guidance.policy,
         task,
         student_step,
-        tau,
+        sigma,
         guidance.base,
         guidance.specialised,
         guidance.steps,
-        tuple(guidance.sigma_range) if guidance.sigma_range is not None else None,
+        tuple(rng) if rng is not None else None,
     )

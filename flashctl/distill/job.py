@@ -15,6 +15,7 @@ from pathlib import Path
 from flashctl.errors import UserError
 from flashctl.io import atomic_write_json, atomic_write_text
 from flashctl.spec import ExperimentSpec, load_spec, spec_hash, to_yaml
+from flashctl.system import free_port, port_free
 
 WORKER = "flashctl.distill.worker"
 
@@ -99,33 +100,14 @@ def prepare_run(spec: ExperimentSpec, fresh: bool = False, dry_run: bool = False
         env = hostfile.node_env(spec)
         script = render_sbatch(spec, run_dir, cmd, env)
     else:
-        if spec.launch.nnodes == 1 and not _port_free(spec.launch.master_addr, spec.launch.master_port):
+        if spec.launch.nnodes == 1 and not port_free(spec.launch.master_addr, spec.launch.master_port):
             # One machine: any free port does (another job holds this one); it is not part of
             # the spec hash, so the run and its resume stay the same run.
             spec = spec.model_copy(update={"launch": spec.launch.model_copy(
-                update={"master_port": _free_port(spec.launch.master_addr)})})
+                update={"master_port": free_port(spec.launch.master_addr)})})
         cmd = launch_command(spec, WORKER, worker_args)
         env = env_for(spec)
     return PreparedRun(run_dir, cmd, env, ds, resuming, script)
-
-
-def _port_free(addr: str, port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        try:
-            s.bind((addr, port))
-            return True
-        except OSError:
-            return False
-
-
-def _free_port(addr: str) -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind((addr, 0))
-        return s.getsockname()[1]
 
 
 def ds_config_preview(spec: ExperimentSpec) -> dict:

@@ -35,6 +35,8 @@ from flashctl.errors import UserError
 from flashctl.io import atomic_write_text
 from flashctl.launch.local import env_for
 from flashctl.spec import ExperimentSpec
+from flashctl.track import resolve_uri
+from flashctl.yamlio import read_text
 
 WORKER_MODULE = "flashctl.distill.worker"
 ENV_FILE_NAME = ".deepspeed_env"
@@ -62,6 +64,7 @@ NODE_ENV_KEYS = (
 _NODE_ENV_PREFIXES = ("NCCL_", "GLOO_")
 
 _HOST_LINE = re.compile(r"^(?P<host>\S+)\s+slots=(?P<slots>\S+)$")
+_HOST_NAME = re.compile(r"[A-Za-z0-9._:-]{1,253}")
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # DeepSpeed's pdsh runner writes `export KEY="VALUE";` into a remote shell command, so these
 # characters would be expanded or break the quoting there.
@@ -82,18 +85,22 @@ def parse_hostfile(path: str | Path) -> list[tuple[str, int]]:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"{p}: hostfile not found")
+    text = read_text(p, "hostfile", max_bytes=1 << 20)  # UTF-8, at most 1 MiB
     hosts: OrderedDict[str, int] = OrderedDict()
     first_line: dict[str, int] = {}
-    for n, raw in enumerate(p.read_text().splitlines(), start=1):
+    for n, raw in enumerate(text.splitlines(), start=1):
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
         m = _HOST_LINE.match(line)
         if m is None:
-            raise UserError(f"{p}:{n}: expected 'HOST slots=N', got {raw.strip()!r}")
+            raise UserError(f"{p}:{n}: expected 'HOST slots=N', got {raw.strip()[:80]!r}")
         host, slots_text = m.group("host"), m.group("slots")
-        if not slots_text.isdigit():
-            raise UserError(f"{p}:{n}: slots={slots_text!r} is not a whole number")
+        if not _HOST_NAME.fullmatch(host):
+            # host names reach pdsh/ssh command lines: `$(...)`, `;` or quotes must not
+            raise UserError(f"{p}:{n}: host {host[:60]!r}: only letters, digits and . _ - : are allowed")
+        if not slots_text.isascii() or not slots_text.isdigit() or len(slots_text) > 6:
+            raise UserError(f"{p}:{n}: slots={slots_text[:20]!r} is not a whole number (1-999999)")
         slots = int(slots_text)
         if slots < 1:
             raise UserError(f"{p}:{n}: host {host!r} has slots={slots}; it must be >= 1")
@@ -242,17 +249,10 @@ def node_env(spec: ExperimentSpec, base: Mapping[str, str] | None = None) -> dic
         if key.startswith(_NODE_ENV_PREFIXES):
             out[key] = value
     if spec.tracking.enabled and "MLFLOW_TRACKING_URI" not in out:
-        out["MLFLOW_TRACKING_URI"] = _absolute_tracking_uri(spec.tracking.uri)
+        out["MLFLOW_TRACKING_URI"] = resolve_uri(spec.tracking.uri)
     if spec.launch.device == "cpu":
         out["DS_ACCELERATOR"] = "cpu"
     return out
-
-
-def _absolute_tracking_uri(uri: str) -> str:
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
-        return prefix + str(Path(uri[len(prefix):]).resolve())
-    return uri
 
 
 def write_deepspeed_env(directory: str | Path, env: Mapping[str, str]) -> Path:

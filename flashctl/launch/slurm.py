@@ -3,15 +3,26 @@
 One distillation run is one batch job: one `srun` task per node, each running `torchrun` with
 c10d rendezvous on the first node, which starts `launch.nproc_per_node` ranks there.
 
-Time limits: the job asks Slurm for SIGUSR1 on the *batch shell* `SIGNAL_LEAD_S` seconds before
-its limit (`--signal=B:USR1@...`). The shell's trap sends SIGTERM to the `srun` step (srun
+Time limits: the job asks Slurm for SIGUSR1 on the *batch shell* `signal_lead_s(spec)` seconds
+before its limit (`--signal=B:USR1@...`). The shell's trap sends SIGTERM to the `srun` step (srun
 forwards signals to its tasks, torchrun to its ranks, with `--shutdown-timeout` long enough for
 the ranks to write a checkpoint: see flashctl.distill.checkpoint.StopRequest), waits for the
-step, then `scontrol requeue`s the job so it resumes from that checkpoint. USR1 rather than
+step, then `scontrol requeue`s the job so it resumes from that checkpoint. The lead is derived
+from the checkpoint's size (`signal_lead_s`): the round in progress, then writing the ZeRO
+state of student and critic at a conservative per-node write rate, then the requeue. USR1 rather than
 TERM because `scancel` also sends TERM to the batch shell, and a cancelled job must stay
 cancelled: on TERM the step is stopped the same way but nothing is requeued. `--requeue` also
 lets Slurm requeue the job after a node failure or preemption; `--open-mode=append` keeps the
 earlier logs.
+
+CPUs: `srun` gets `--cpus-per-task` explicitly (`launch.slurm.cpus_per_task`): since Slurm
+22.05 srun no longer inherits sbatch's `--cpus-per-task`, and a step without it binds all of a
+node's ranks to one CPU.
+
+Weights: when the spec names hub ids, one `srun` task per node first resolves (downloads) them
+into the Hugging Face cache (`python -m flashctl.launch.slurm prefetch SPEC`, the same calls the
+worker makes), and the training step then runs with `HF_HUB_OFFLINE=1`: the ranks read the
+cache instead of racing each other to the hub.
 
 Job arrays (`render_array`): one task per ablation cell, `%N` tasks at a time; each task reads
 line SLURM_ARRAY_TASK_ID + 1 of a cells file (`cell_id<TAB>command`) and runs that command.
@@ -31,11 +42,19 @@ from flashctl.errors import UserError
 from flashctl.io import atomic_write_text
 from flashctl.spec import ExperimentSpec
 
-SIGNAL_LEAD_S = 300
-"""Seconds before the time limit at which the batch shell gets SIGUSR1 (Slurm may send it up
-to 60 s earlier). Saving a ZeRO-3 checkpoint of two 20B engines takes minutes on slow disks."""
-SHUTDOWN_GRACE_S = SIGNAL_LEAD_S - 60
-"""torchrun's wait between forwarding SIGTERM to the ranks and killing them."""
+ROUND_ALLOWANCE_S = 120
+"""The worker checks for a stop after each DMD2 round: time for the round in progress to end."""
+REQUEUE_ALLOWANCE_S = 60
+"""After the checkpoint: torchrun's teardown and `scontrol requeue` before the limit."""
+CHECKPOINT_WRITE_BYTES_PER_S = 0.5 * 1024**3
+"""Assumed write rate of one node to the checkpoint filesystem (conservative for a parallel
+filesystem, about right for NFS); every node writes its ranks' partitions at the same time."""
+SIGNAL_LEAD_MIN_S = 180
+"""Floor of the lead (small models: the allowances alone)."""
+CHECKPOINT_BYTES_PER_PARAM = {"fp32": 12, "bf16": 14, "fp16": 14}
+"""Bytes per trainable parameter in a DeepSpeed ZeRO checkpoint: the model-state partition
+(4 B fp32, or 2 B 16-bit) + Adam's fp32 state (master copy 4 B in 16-bit training, exp_avg and
+exp_avg_sq 8 B)."""
 CELLS_FILE = "slurm-cells.tsv"
 ARRAY_SCRIPT = "slurm-array.sbatch"
 JOB_SCRIPT = "slurm.sbatch"
@@ -57,9 +76,69 @@ def _job_name(name: str) -> str:
     return "flashctl-" + re.sub(r"[^A-Za-z0-9_.+-]", "_", name)[:60]
 
 
-def _sbatch_header(spec: ExperimentSpec, job_name: str, output: Path, error: Path) -> list[str]:
+def checkpoint_bytes(spec: ExperimentSpec) -> int:
+    """Bytes one checkpoint writes (all ranks together): student and critic, each
+    `CHECKPOINT_BYTES_PER_PARAM` x the transformer's parameters (counted from its config, as
+    `plan` does). 0 when the student's model cannot be sized from the spec."""
+    from flashctl.plan import model_configs, model_size
+
+    init = spec.model.init_from
+    path = spec.teachers[init].path if init in spec.teachers else init
+    try:
+        configs, source = model_configs(path, spec.model.tiny, "model.init_from")
+    except UserError:
+        return 0
+    if "transformer" not in configs:
+        return 0
+    params = model_size(configs["transformer"], "transformer", source).total
+    return 2 * CHECKPOINT_BYTES_PER_PARAM[spec.deepspeed.precision] * params
+
+
+def signal_lead_s(spec: ExperimentSpec, ckpt_bytes: int | None = None) -> int:
+    """Seconds before the time limit at which the job is told to stop (`--signal=B:USR1@lead`):
+
+        lead = ROUND_ALLOWANCE_S + ceil(checkpoint_bytes / nnodes / CHECKPOINT_WRITE_BYTES_PER_S)
+               + REQUEUE_ALLOWANCE_S,   rounded up to 30 s, at least SIGNAL_LEAD_MIN_S.
+
+    Qwen-Image (20.4B, bf16) on 8 nodes: 2 x 14 B x 20.4B = 533 GiB, 67 GiB per node, 134 s to
+    write -> 330 s; on 1 node -> 1260 s. torchrun's shutdown grace is the lead less the requeue
+    allowance (`shutdown_grace_s`).
+    """
+    import math
+
+    if ckpt_bytes is None:
+        ckpt_bytes = checkpoint_bytes(spec)
+    write = math.ceil(ckpt_bytes / spec.launch.nnodes / CHECKPOINT_WRITE_BYTES_PER_S)
+    lead = ROUND_ALLOWANCE_S + write + REQUEUE_ALLOWANCE_S
+    return max(SIGNAL_LEAD_MIN_S, 30 * math.ceil(lead / 30))
+
+
+def shutdown_grace_s(lead_s: int) -> int:
+    """torchrun's wait between forwarding SIGTERM to the ranks and killing them."""
+    return lead_s - REQUEUE_ALLOWANCE_S
+
+
+def time_limit_s(value: str) -> int | None:
+    """Seconds of a Slurm `--time` value (`MM`, `MM:SS`, `HH:MM:SS`, `D-HH`, `D-HH:MM`,
+    `D-HH:MM:SS`); None for `UNLIMITED`/`INFINITE` or a form it does not know."""
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", value.strip())
+    if m is None:
+        return None
+    days, a, b, c = m.groups()
+    if days is not None:  # D-HH[:MM[:SS]]
+        return int(days) * 86400 + int(a) * 3600 + int(b or 0) * 60 + int(c or 0)
+    if c is not None:  # HH:MM:SS
+        return int(a) * 3600 + int(b) * 60 + int(c)
+    return int(a) * 60 + int(b or 0)  # MM[:SS]
+
+
+def _sbatch_header(spec: ExperimentSpec, job_name: str, output: Path, error: Path, lead_s: int) -> list[str]:
     """`#SBATCH` lines shared by single jobs and arrays."""
     launch, slurm = spec.launch, spec.launch.slurm
+    limit = time_limit_s(slurm.time)
+    if limit is not None and limit <= lead_s:
+        raise UserError(f"launch.slurm.time: {slurm.time} leaves no time to train: the stop signal comes "
+                        f"{lead_s} s before the limit (time to write a checkpoint of this model)")
     lines = [
         "#!/bin/bash",
         f"#SBATCH --job-name={job_name}",
@@ -86,7 +165,7 @@ def _sbatch_header(spec: ExperimentSpec, job_name: str, output: Path, error: Pat
         f"#SBATCH --error={error}",
         "#SBATCH --open-mode=append",
         "#SBATCH --requeue",
-        f"#SBATCH --signal=B:USR1@{SIGNAL_LEAD_S}",
+        f"#SBATCH --signal=B:USR1@{lead_s}",
     ]
     return lines
 
@@ -165,9 +244,11 @@ def render_sbatch(
     """
     run_dir = Path(run_dir).resolve()
     launch = spec.launch
-    lines = _sbatch_header(spec, _job_name(spec.run.name), run_dir / "slurm-%j.out", run_dir / "slurm-%j.err")
+    lead = signal_lead_s(spec)
+    lines = _sbatch_header(spec, _job_name(spec.run.name), run_dir / "slurm-%j.out", run_dir / "slurm-%j.err", lead)
     lines += ["", "set -uo pipefail", f"cd {shlex.quote(str(Path.cwd()))}"]
     lines += _exports({**_default_env(spec), **dict(env or {})})
+    cpus = f"--cpus-per-task={launch.slurm.cpus_per_task}"
     # The shell expands the $VARIABLES of the torchrun options; the rank command is quoted as is.
     torchrun = [
         shlex.quote(sys.executable), "-m", "torch.distributed.run",
@@ -176,7 +257,7 @@ def render_sbatch(
         "--rdzv_backend", "c10d",
         "--rdzv_endpoint", '"$MASTER_ADDR:$MASTER_PORT"',
         "--rdzv_id", '"$SLURM_JOB_ID"',
-        "--shutdown-timeout", str(SHUTDOWN_GRACE_S),
+        "--shutdown-timeout", str(shutdown_grace_s(lead)),
     ]  # fmt: skip
     quoted = " ".join(torchrun + [shlex.quote(a) for a in _worker_args_for_torchrun(command_argv)])
     lines += [
@@ -187,10 +268,22 @@ def render_sbatch(
             'master $MASTER_ADDR:$MASTER_PORT"'
         ),
         "",
+    ]
+    hub = hub_models(spec)
+    if hub:
+        spec_file = shlex.quote(str(run_dir / "spec.resolved.yaml"))
+        lines += [
+            f"# Hub weights ({', '.join(hub)}): resolved once per node before the ranks start, then read offline.",
+            f"srun --ntasks-per-node=1 {cpus} {shlex.quote(sys.executable)} -m flashctl.launch.slurm prefetch {spec_file} "
+            '|| { echo "flashctl: could not resolve the model weights (see above)" >&2; exit 1; }',
+            "export HF_HUB_OFFLINE=1",
+            "",
+        ]
+    lines += [
         # SIGTERM to srun itself makes it cancel the step (SIGKILL after a moment); `scancel
         # --signal` delivers TERM to the step's tasks and leaves their shutdown to them.
         _TERM_TRAP.replace("{STOP}", 'scancel --signal=TERM "$SLURM_JOB_ID"'),
-        f"srun --kill-on-bad-exit=1 --ntasks-per-node=1 {quoted} &",
+        f"srun --kill-on-bad-exit=1 --ntasks-per-node=1 {cpus} {quoted} &",
         "STEP_PID=$!",
         _WAIT_STEP,
     ]
@@ -237,7 +330,8 @@ def render_array(
     cells_file = grid_dir / CELLS_FILE
     n, par = len(cells), spec.launch.slurm.array_parallel
     name = _job_name(f"{spec.run.name}-grid")
-    lines = _sbatch_header(spec, name, grid_dir / "logs" / "%A_%a.out", grid_dir / "logs" / "%A_%a.err")
+    lines = _sbatch_header(spec, name, grid_dir / "logs" / "%A_%a.out", grid_dir / "logs" / "%A_%a.err",
+                           signal_lead_s(spec))
     lines.insert(2, f"#SBATCH --array=0-{n - 1}%{par}")
     lines += ["", "set -uo pipefail", f"cd {shlex.quote(str(Path.cwd()))}"]
     lines += _exports({**_default_env(spec), **dict(env or {})})
@@ -392,3 +486,74 @@ def array_task_states(job_id: str, n_tasks: int) -> dict[int, str]:
     if not states:
         return {}
     return {i: states.get(f"{job_id}_{i}", "PENDING") for i in range(n_tasks)}
+
+
+# --------------------------------------------------------------------------------------------
+# Weights, resolved once per node
+
+
+def _held_model_paths(spec: ExperimentSpec) -> dict[str, str]:
+    """Spec path per role the worker loads: `base` (the whole pipeline: text encoder, VAE,
+    scheduler, processor), every held teacher's and the student's transformer."""
+    paths = {"base": spec.teachers[spec.guidance.base].path} if spec.guidance.base in spec.teachers else {}
+    for name in spec.teachers_held():
+        if name in spec.teachers:
+            paths[f"teacher {name}"] = spec.teachers[name].path
+    init = spec.model.init_from
+    paths["student"] = spec.teachers[init].path if init in spec.teachers else init
+    return paths
+
+
+def hub_models(spec: ExperimentSpec) -> list[str]:
+    """Hub ids among the models the worker loads (not `builtin:` names, not local folders)."""
+    from flashctl.models.paths import resolve_model_path
+
+    out = []
+    for path in _held_model_paths(spec).values():
+        try:
+            resolved = resolve_model_path(path)
+        except UserError:
+            continue  # the worker reports it with its field
+        if not Path(resolved).is_dir():
+            out.append(resolved)
+    return list(dict.fromkeys(out))
+
+
+def prefetch_weights(spec: ExperimentSpec) -> list[str]:
+    """Download (or find in the Hugging Face cache) the hub weights the worker will load, with
+    the worker's own calls: the base pipeline as `DiffusionPipeline.from_pretrained` fetches it,
+    and each transformer as `models.weights.transformer_folder` does. Returns the ids."""
+    from diffusers import DiffusionPipeline
+
+    from flashctl.models.weights import transformer_folder
+
+    hub = hub_models(spec)
+    base = spec.teachers[spec.guidance.base].path if spec.guidance.base in spec.teachers else None
+    for repo in hub:
+        if repo == base:
+            DiffusionPipeline.download(repo, use_safetensors=True)
+        transformer_folder(repo)
+    return hub
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m flashctl.launch.slurm prefetch SPEC`: the sbatch script's weight step."""
+    import argparse
+
+    from flashctl.spec import SpecError, load_spec
+
+    parser = argparse.ArgumentParser(prog="python -m flashctl.launch.slurm")
+    parser.add_argument("command", choices=["prefetch"])
+    parser.add_argument("spec", type=Path)
+    args = parser.parse_args(argv)
+    try:
+        ids = prefetch_weights(load_spec(args.spec))
+    except (UserError, SpecError) as exc:
+        print(f"flashctl: {exc}", file=sys.stderr)
+        return 2
+    print(f"flashctl: weights ready: {', '.join(ids) or 'none from the hub'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
