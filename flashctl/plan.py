@@ -506,6 +506,8 @@ class PlanResult:
     overhead_gb: float
     offload_options: list[OffloadOption]
     notes: list[str] = field(default_factory=list)
+    gradient_checkpointing: bool = False
+    """Whether the spec trains with activation checkpointing (`ExperimentSpec.gradient_checkpointing`)."""
     eval_copies_gb: float = 0.0
     """Whole models rank 0 adds for the end-of-run evaluation: the exported student, and the
     base teacher when teachers are partitioned (`DistillJob.export`, `base_teacher_replica`)."""
@@ -669,6 +671,7 @@ def plan(spec: ExperimentSpec, teacher_placement: str | None = None) -> PlanResu
         overhead_gb=overhead,
         offload_options=options,
         notes=notes,
+        gradient_checkpointing=spec.gradient_checkpointing(),
         eval_copies_gb=eval_copies,
     )
 
@@ -725,8 +728,11 @@ def render_plan(result: PlanResult) -> list[Any]:
     def verdict(ok: bool) -> str:
         return "[green]fits[/]" if ok else "[red]does not fit[/]"
 
-    mem.add_row("total", "", f"budget {r.gpu_memory_gb:g} GiB", "", "", "", "", _gb(r.total_gb), verdict(r.fits))
-    mem.add_row("total, checkpointing", "", "", "", "", "", "", _gb(r.total_ckpt_gb), verdict(r.fits_ckpt))
+    this = " ◀ this spec"
+    mem.add_row("total" + ("" if r.gradient_checkpointing else this), "", f"budget {r.gpu_memory_gb:g} GiB", "",
+                "", "", "", _gb(r.total_gb), verdict(r.fits))
+    mem.add_row("total, checkpointing" + (this if r.gradient_checkpointing else ""), "", "", "", "", "", "",
+                _gb(r.total_ckpt_gb), verdict(r.fits_ckpt))
     if r.eval_copies_gb:
         mem.add_row("at evaluation (rank 0)", "", "+ whole student/teacher", "", "", "", "", _gb(r.eval_peak_gb),
                     verdict(r.eval_peak_gb <= r.gpu_memory_gb))

@@ -288,6 +288,11 @@ class DistillSpec(_Model):
     """Interval of sample grids logged to MLflow (0 = off)."""
     seed: int = 0
     """Training seed."""
+    gradient_checkpointing: bool | None = None
+    """Activation checkpointing of student and critic (recompute block activations in the
+    backward pass: ~an order of magnitude less activation memory for one more forward).
+    Default (null): on for `launch.device: cuda`, off on CPU where the tiny model's activations
+    are small and the recompute would only cost time."""
 
     @model_validator(mode="after")
     def _taus(self) -> "DistillSpec":
@@ -581,6 +586,12 @@ class ExperimentSpec(_Model):
             return [expert]
         covers_all = set(range(self.distill.student_steps)) <= set(g.steps) and g.student_sigma_range is None
         return [expert] if covers_all else [g.base, expert]
+
+    def gradient_checkpointing(self) -> bool:
+        """Whether student and critic recompute activations (`distill.gradient_checkpointing`,
+        default on for CUDA); `plan` and the worker read it here."""
+        gc = self.distill.gradient_checkpointing
+        return self.launch.device == "cuda" if gc is None else gc
 
     def teachers_partitioned(self) -> bool:
         """Whether the worker holds frozen teachers as ZeRO-3 partitioned engines (CUDA, stage 3)

@@ -39,7 +39,9 @@ def main() -> None:
 
     info = eng.init_distributed("cpu")
     stop = ck.install_stop_handler()
-    spec = ExperimentSpec(distill={"batch_size": 4}, deepspeed={"zero_stage": 3}, launch={"device": "cpu"})
+    # threshold 0: the toy MLP's tensors are below DeepSpeed's default, and the test must see them partitioned
+    spec = ExperimentSpec(distill={"batch_size": 4}, deepspeed={"zero_stage": 3, "param_persistence_threshold": 0},
+                          launch={"device": "cpu"})
     config = eng.ds_config(spec, lr=1e-2, world_size=info.world_size, export=True)
 
     torch.manual_seed(args.seed)  # same initial weights on every rank

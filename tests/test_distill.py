@@ -59,7 +59,10 @@ def test_two_rank_zero3_run_exports_a_diffusers_student(tiny_world, tmp_path):
     image = pipe("a red circle at the top left", height=32, width=32, num_inference_steps=4,
                  true_cfg_scale=1.0, generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (32, 32)
-    consolidated = load_file(run / "student.safetensors")
+    # the export (gathered layer by layer, written by rank 0) equals zero_to_fp32 of the last checkpoint
+    from flashctl.distill.checkpoint import export_fp32
+
+    consolidated = load_file(export_fp32(run / "checkpoints", "student", tmp_path / "consolidated.safetensors"))
     exported = pipe.transformer.state_dict()
     assert consolidated.keys() == exported.keys()
     assert all(torch.equal(consolidated[k], exported[k]) for k in consolidated)
@@ -88,6 +91,14 @@ def test_two_rank_zero3_run_exports_a_diffusers_student(tiny_world, tmp_path):
     assert run_info.inputs.dataset_inputs, "the dataset manifest digest is the run's input"
 
 
+def _student_weights(run: Path) -> dict[str, torch.Tensor]:
+    """The exported student's transformer tensors (every shard of run/student/transformer)."""
+    out: dict[str, torch.Tensor] = {}
+    for shard in sorted((run / "student" / "transformer").glob("*.safetensors")):
+        out.update(load_file(shard))
+    return out
+
+
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 600) -> None:
     t0 = time.time()
     while not path.exists():
@@ -109,15 +120,15 @@ def test_sigkill_and_resume_ends_with_the_uninterrupted_weights(tiny_world, tmp_
     _wait_for(run / "checkpoints" / "latest", proc)
     os.killpg(proc.pid, signal.SIGKILL)  # the whole job: launcher and both ranks, no clean-up
     proc.wait()
-    assert not (run / "student.safetensors").exists()
+    assert not (run / "student").exists()
 
     resumed = run_cli(["distill", SPEC, *args, "run.name=killed"], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming" in resumed.stderr
     summary = json.loads((run / "summary.json").read_text())
     assert summary["resumed_from"] >= 2
-    a = load_file(tmp_path / "runs" / "straight" / "student.safetensors")
-    b = load_file(run / "student.safetensors")
+    a = _student_weights(tmp_path / "runs" / "straight")
+    b = _student_weights(run)
     assert a.keys() == b.keys()
     diff = max((a[k] - b[k]).abs().max().item() for k in a)
     assert diff == 0.0, f"resumed student differs from the uninterrupted one by {diff}"

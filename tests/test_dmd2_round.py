@@ -55,3 +55,31 @@ def test_cfg_rescale_with_decoupled_dmd_is_a_spec_error(runner):
     assert res.exit_code == 2
     lines = [ln for ln in res.output.splitlines() if ln.startswith("error")]
     assert len(lines) == 1 and "teachers.base.cfg_rescale" in lines[0] and "decoupled-dmd" in lines[0]
+
+
+def test_batched_cfg_equals_two_passes_on_a_real_qwen_transformer(tiny_world):
+    """CFG's conditional and unconditional passes as one batch of 2B (one weight gather per guided
+    prediction under ZeRO-3) give the two separate passes' velocities, prompts of different lengths
+    padded with masked positions."""
+    from flashctl.models.adapter import QwenImageAdapter
+
+    adapter = QwenImageAdapter.from_pretrained(tiny_world["teacher"])
+    prompts = ["a red circle", "a blue square at the top left and a green triangle at the bottom right"]
+    embeds, mask = adapter.encode_prompts(prompts)
+    neg, neg_mask = adapter.encode_prompts(["", ""])
+    assert neg.shape[1] != embeds.shape[1]  # the padding path is exercised
+    seq = (32 // (adapter.vae_scale_factor * 2)) ** 2
+
+    def velocity(model, x, sigma, e, m, h, w, src):
+        return adapter.velocity(model, x, sigma, e, m, h, w, src)
+
+    cond = dmd2.Conditioning(task="t2i", embeds=embeds, mask=mask, neg_embeds=neg, neg_mask=neg_mask,
+                             height=32, width=32, latent_shape=(seq, 4 * adapter.z_dim), velocity_fn=velocity)
+    x = torch.randn(2, seq, 4 * adapter.z_dim, generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([0.3, 0.8])
+    with torch.no_grad():
+        v_c, v_u = cond.velocity_pair(adapter.transformer, x, sigma)
+        ref_c = cond.velocity(adapter.transformer, x, sigma)
+        ref_u = cond.velocity(adapter.transformer, x, sigma, uncond=True)
+    assert torch.allclose(v_c, ref_c, atol=1e-5) and torch.allclose(v_u, ref_u, atol=1e-5)
+    assert not torch.allclose(v_c, v_u, atol=1e-3)  # the prompt matters: the two halves are not one pass

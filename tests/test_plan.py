@@ -164,3 +164,13 @@ def test_local_pipeline_folder_is_read_and_unknown_paths_are_user_errors(tmp_pat
     assert "text encoder" not in [c.name for c in result.components]  # the folder has none
     with pytest.raises(UserError, match=r"teachers\.base\.path: '/nonexistent/x'"):
         plan(load_spec(TINY, ["teachers.base.path=/nonexistent/x"]))
+
+
+def test_plan_counts_the_activation_memory_the_spec_trains_with():
+    from flashctl.plan import plan
+
+    gpu, cpu = plan(load_spec(QWEN)), plan(load_spec(TINY))
+    assert gpu.gradient_checkpointing and not cpu.gradient_checkpointing  # default: on for CUDA only
+    assert plan(load_spec(TINY, ["distill.gradient_checkpointing=true"])).gradient_checkpointing
+    assert not plan(load_spec(QWEN, ["distill.gradient_checkpointing=false"])).gradient_checkpointing
+    assert gpu.total_ckpt_gb < gpu.total_gb

@@ -39,9 +39,33 @@ class Conditioning:
         embeds, mask = (self.neg_embeds, self.neg_mask) if uncond else (self.embeds, self.mask)
         return self.velocity_fn(model, x_t, sigma, embeds, mask, self.height, self.width, self.source_latents)
 
+    def velocity_pair(self, model: Any, x_t: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Conditional and unconditional velocity of `model` in ONE forward of batch 2B.
+
+        CFG's two passes batched: a partitioned (ZeRO-3) teacher gathers its weights once per
+        guided prediction instead of twice. Prompt and negative embeddings are padded to one
+        length with masked (0) positions, which the transformer's joint attention ignores, so
+        the result equals two separate passes up to float rounding (tested)."""
+        b = x_t.shape[0]
+        sigma = torch.as_tensor(sigma, device=x_t.device).reshape(-1).expand(b)
+        embeds, mask = pad_cat([self.embeds, self.neg_embeds], [self.mask, self.neg_mask])
+        src = None if self.source_latents is None else torch.cat([self.source_latents, self.source_latents])
+        v = self.velocity_fn(model, torch.cat([x_t, x_t]), torch.cat([sigma, sigma]), embeds, mask,
+                             self.height, self.width, src)
+        return v[:b], v[b:]
+
     @property
     def batch(self) -> int:
         return self.embeds.shape[0]
+
+
+def pad_cat(embeds: list[torch.Tensor], masks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenate (B_i, L_i, D) embeddings and (B_i, L_i) masks along the batch, right-padding
+    each to the longest L with zeros (mask 0 = padding)."""
+    length = max(e.shape[1] for e in embeds)
+    out_e = [torch.nn.functional.pad(e, (0, 0, 0, length - e.shape[1])) for e in embeds]
+    out_m = [torch.nn.functional.pad(m, (0, length - m.shape[1])) for m in masks]
+    return torch.cat(out_e), torch.cat(out_m)
 
 
 @dataclass
@@ -92,12 +116,11 @@ def simulate_student(
 def teacher_x0(teacher: Teacher, cond: Conditioning, x_tau: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     """Real score as an x0 prediction, with CFG (uncond + w (cond - uncond)) and optional rescale."""
     with torch.no_grad():
-        v_c = cond.velocity(teacher.model, x_tau, tau)
         if teacher.cfg_scale != 1.0:
-            v_u = cond.velocity(teacher.model, x_tau, tau, uncond=True)
+            v_c, v_u = cond.velocity_pair(teacher.model, x_tau, tau)
             v = obj.cfg_combine(v_c, v_u, teacher.cfg_scale, teacher.cfg_rescale)
         else:
-            v = v_c
+            v = cond.velocity(teacher.model, x_tau, tau)
         return obj.x0_from_velocity(x_tau, tau, v)
 
 
@@ -145,8 +168,8 @@ def generator_loss(
         x_tau2 = obj.add_noise(x.detach(), eps2, tau2)
         with torch.no_grad():
             real_c = obj.x0_from_velocity(x_tau, tau, cond.velocity(teacher.model, x_tau, tau))
-            real_c2 = obj.x0_from_velocity(x_tau2, tau2, cond.velocity(teacher.model, x_tau2, tau2))
-            real_u2 = obj.x0_from_velocity(x_tau2, tau2, cond.velocity(teacher.model, x_tau2, tau2, uncond=True))
+            v_c2, v_u2 = cond.velocity_pair(teacher.model, x_tau2, tau2)
+            real_c2, real_u2 = obj.x0_from_velocity(x_tau2, tau2, v_c2), obj.x0_from_velocity(x_tau2, tau2, v_u2)
         grad = obj.decoupled_dmd_gradient(x.detach(), fake, real_c, real_c2, real_u2, teacher.cfg_scale)
         real = real_c
         extra = {"tau_ca_max": float(tau2.max())}

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 import sys
 import warnings
 from dataclasses import dataclass
@@ -25,15 +24,17 @@ from torch import nn
 
 from flashctl.errors import UserError
 from flashctl.spec import ExperimentSpec
+from flashctl.system import free_port
 
 Device = Literal["cpu", "cuda"]
 
 # DeepSpeed's default persistence threshold (parameters with fewer elements are kept whole on
-# every rank). At CPU scale every tensor of the tiny models is below it, so nothing would be
-# partitioned; we use 0 there so the tiny runs exercise the same gather/partition paths as the
-# GPU runs.
-GPU_PERSISTENCE_THRESHOLD = 100_000
-CPU_PERSISTENCE_THRESHOLD = 0
+# every rank), for reference: flashctl leaves the key out unless
+# `deepspeed.param_persistence_threshold` is set. At CPU scale every tensor of the tiny models
+# is below it, so their parameters stay whole (ZeRO-3 still partitions gradients and optimizer
+# state); 0 partitions every tensor, at the cost of ZeRO-3's per-sub-module gather/release hooks
+# (3-4x a round on CPU, bench/distill_step.py).
+DEEPSPEED_PERSISTENCE_THRESHOLD = 100_000
 
 # Adam settings of DMD2 (Yin et al., 2024): AdamW, betas (0.9, 0.999), weight decay 0.01.
 ADAM_BETAS = (0.9, 0.999)
@@ -64,27 +65,19 @@ def ds_config(spec: ExperimentSpec, lr: float, world_size: int, export: bool = F
 
     micro = spec.distill.batch_size
     accum = spec.distill.grad_accum
-    threshold = CPU_PERSISTENCE_THRESHOLD if spec.launch.device == "cpu" else GPU_PERSISTENCE_THRESHOLD
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.zero_stage >= 1:
-        zero.update(
-            {
-                "contiguous_gradients": True,
-                "overlap_comm": spec.launch.device == "cuda",
-                "reduce_bucket_size": 50_000_000,
-                "allgather_bucket_size": 50_000_000,
-            }
-        )
+        zero.update({"contiguous_gradients": True, "overlap_comm": spec.launch.device == "cuda"})
+        if ds.reduce_bucket_size is not None:
+            zero["reduce_bucket_size"] = ds.reduce_bucket_size
     if ds.zero_stage == 3:
-        zero.update(
-            {
-                "stage3_param_persistence_threshold": threshold,
-                "stage3_prefetch_bucket_size": 50_000_000,
-                "stage3_max_live_parameters": 1_000_000_000,
-                "stage3_max_reuse_distance": 1_000_000_000,
-                "stage3_gather_16bit_weights_on_model_save": bool(export),
-            }
-        )
+        zero["stage3_gather_16bit_weights_on_model_save"] = bool(export)
+        # the knobs the spec leaves unset (None) are left out: DeepSpeed's own defaults apply
+        for key, value in (("stage3_param_persistence_threshold", ds.param_persistence_threshold),
+                           ("stage3_prefetch_bucket_size", ds.prefetch_bucket_size),
+                           ("stage3_max_live_parameters", ds.max_live_parameters)):
+            if value is not None:
+                zero[key] = value
     nvme_path = str(spec.run_dir() / "nvme")
     if ds.offload_optimizer != "none":
         zero["offload_optimizer"] = {"device": ds.offload_optimizer, "pin_memory": spec.launch.device == "cuda"}
@@ -159,12 +152,6 @@ def quiet_collective_warnings() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed(device: Device) -> DistInfo:
     """Join (or, in a bare single process, create) the process group: gloo on CPU, nccl on CUDA.
 
@@ -180,7 +167,7 @@ def init_distributed(device: Device) -> DistInfo:
         os.environ["DS_ACCELERATOR"] = "cpu"
     if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
         os.environ.update(
-            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
+            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
         )
     quiet_collective_warnings()
     import deepspeed
@@ -248,8 +235,9 @@ def _is_partitioned(p: torch.Tensor) -> bool:
 def full_state_dict(engine_or_module: Any) -> dict[str, torch.Tensor]:
     """Full CPU copies of all parameters (gathered from ZeRO-3 partitions) and buffers.
 
-    A collective when parameters are partitioned: call it on every rank. Use it to build a
-    plain replica (e.g. a rank-local eval copy, or initialise a critic from a teacher).
+    A collective when parameters are partitioned: call it on every rank. Every rank then holds
+    the whole model at once, so it is for small models and tests; the student's export gathers
+    one submodule at a time onto rank 0 instead (`models.weights.write_transformer`).
     """
     module = getattr(engine_or_module, "module", engine_or_module)
     params = list(module.named_parameters())

@@ -13,11 +13,9 @@ the student as a diffusers pipeline folder, and (rank 0) evaluates student vs te
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,24 +23,28 @@ EXIT_STOPPED = 75
 """Exit code after a stop signal: a checkpoint was written, re-running resumes."""
 
 
-def _load_transformer(path: str, dtype):  # noqa: D103
-    from diffusers import QwenImageTransformer2DModel
-
-    return QwenImageTransformer2DModel.from_pretrained(path, subfolder="transformer", torch_dtype=dtype)
-
-
 class DistillJob:
-    """DMD2 distillation of one spec on this rank."""
+    """DMD2 distillation of one spec on this rank.
 
-    def __init__(self, spec, run_dir: Path, info):
+    Construction follows design §5: under ZeRO-3 the student and critic (and the frozen teachers
+    when partitioned) are built in the training dtype inside `deepspeed.zero.Init` and filled
+    per tensor from the pipelines' safetensors files (`models.weights.build_transformer`), so no
+    rank ever holds an unpartitioned copy; student and critic start from the files of their
+    teacher, not from an in-memory copy, and the adapter holds no transformer of its own.
+    `partition_teachers` (default: on CUDA under ZeRO-3) makes the frozen teachers ZeRO-3
+    engines; otherwise they are plain replicas in the training dtype (tiny CPU scale only).
+    """
+
+    def __init__(self, spec, run_dir: Path, info, partition_teachers: bool | None = None):
         import torch
 
         import flashctl.models.processor  # noqa: F401  (diffusers' loader finds the processor class)
         from flashctl.distill.dmd2 import Teacher
-        from flashctl.distill.engine import ds_config, freeze, make_engine, make_frozen_engine
+        from flashctl.distill.engine import ds_config, freeze, frozen_config, make_engine, make_frozen_engine
         from flashctl.distill.schedules import student_sigmas
         from flashctl.models.adapter import QwenImageAdapter
         from flashctl.models.paths import resolve_model_path
+        from flashctl.models.weights import build_transformer
 
         self.spec, self.run_dir, self.info = spec, run_dir, info
         self.rank, self.world = info.rank, info.world_size
@@ -50,31 +52,40 @@ class DistillJob:
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[spec.deepspeed.precision]
         g = spec.guidance
         base_path = resolve_model_path(spec.teachers[g.base].path)
-        self.adapter = QwenImageAdapter.from_pretrained(base_path, device=self.device,
+        self.adapter = QwenImageAdapter.from_pretrained(base_path, device=self.device, transformer=False,
                                                         edit_max_pixels=spec.model.edit_max_pixels)
-        needed = {g.base} | (set(g.specialised.values()) if g.policy != "single" else set())
-        if spec.model.init_from in spec.teachers:
-            needed.add(spec.model.init_from)
-        partition_teachers = spec.launch.device == "cuda" and spec.deepspeed.zero_stage == 3
-        frozen_cfg = ds_config(spec, spec.distill.lr_critic, self.world)
+        zero3 = spec.deepspeed.zero_stage == 3
+        if partition_teachers is None:
+            partition_teachers = spec.teachers_partitioned()
+        self.partition_teachers = bool(partition_teachers) and zero3
+        student_cfg = ds_config(spec, spec.distill.lr_generator, self.world, export=True)
+        critic_cfg = ds_config(spec, spec.distill.lr_critic, self.world)
+        frozen_cfg = frozen_config(critic_cfg)
+
+        def build(path: str, cfg: dict[str, Any] | None):
+            return build_transformer(path, self.dtype, self.device, zero_config=cfg)
+
         self.teachers: dict[str, Teacher] = {}
-        raw: dict[str, Any] = {}
-        for name in sorted(needed):
+        self.teacher_paths: dict[str, str] = {}
+        for name in spec.teachers_held():  # same order on every rank (construction is collective)
             t = spec.teachers[name]
-            model = self.adapter.transformer if name == g.base else _load_transformer(resolve_model_path(t.path), torch.float32)
-            raw[name] = model
-            frozen = make_frozen_engine(copy.deepcopy(model), frozen_cfg) if partition_teachers else freeze(model.to(self.device))
+            self.teacher_paths[name] = resolve_model_path(t.path)
+            if self.partition_teachers:
+                frozen = make_frozen_engine(build(self.teacher_paths[name], frozen_cfg), frozen_cfg)
+            else:
+                frozen = freeze(build(self.teacher_paths[name], None))
             self.teachers[name] = Teacher(frozen, t.cfg_scale, t.cfg_rescale)
-        if spec.model.init_from in raw:
-            student = copy.deepcopy(raw[spec.model.init_from])
-        else:
-            student = _load_transformer(resolve_model_path(spec.model.init_from), torch.float32)
-        critic = copy.deepcopy(raw[g.base])
-        for m in (student, critic):
-            m.train().requires_grad_(True)
+        init = spec.model.init_from  # a teacher's name or a pipeline path
+        init_path = resolve_model_path(spec.teachers[init].path if init in spec.teachers else init)
+        student = build(init_path, student_cfg if zero3 else None).train().requires_grad_(True)
+        critic = build(base_path, critic_cfg if zero3 else None).train().requires_grad_(True)
         self.student_config = dict(student.config)
-        self.student = make_engine(student, ds_config(spec, spec.distill.lr_generator, self.world, export=True))
-        self.critic = make_engine(critic, ds_config(spec, spec.distill.lr_critic, self.world))
+        if spec.gradient_checkpointing():
+            for model in (student, critic):
+                model.enable_gradient_checkpointing()
+        self.student = make_engine(student, student_cfg)
+        self.critic = make_engine(critic, critic_cfg)
+        del student, critic  # the engines hold the only references
         self.sigmas = student_sigmas(spec.distill.student_steps, spec.distill.shift).to(self.device)
         self.ckpt_dir = run_dir / "checkpoints"
         self._loaders: dict[str, Any] = {}
@@ -103,7 +114,13 @@ class DistillJob:
         h, w = batch["height"], batch["width"]
         sources = batch_images(batch, "source_images") if task == "edit" else None
         embeds, mask = self.adapter.encode_prompts(batch["prompts"], sources)
-        neg, neg_mask = self.adapter.encode_prompts([""] * len(batch["prompts"]), sources)
+        if sources is None:  # T2I's CFG negative ("") is one constant: encoded once per job, not per micro-step
+            from flashctl.evaluate import PromptCache
+
+            neg, neg_mask = self.__dict__.setdefault("_negatives", PromptCache()).negative(self.adapter, "",
+                                                                                          len(batch["prompts"]))
+        else:  # an edit's negative carries its source image
+            neg, neg_mask = self.adapter.encode_prompts([""] * len(batch["prompts"]), sources)
         src = src_size = None
         if sources is not None:
             src, src_size = self.adapter.encode_sources(sources)
@@ -122,56 +139,78 @@ class DistillJob:
     def teacher_for(self, task: str, student_step: int):
         from flashctl.distill.guidance import teacher_for
 
+        # stepwise's student_sigma_range reads the student step's input level sigma_k
         name = teacher_for(self.spec.guidance, task, student_step, float(self.sigmas[student_step]))
         return name, self.teachers[name]
 
-    def round(self, step: int) -> dict[str, float]:
-        """K critic updates then one generator update; returns metrics of this round."""
-        import torch
-
+    def draws(self, step: int, micro: int):
+        """The random draws of one micro-step, in one place: `shared` (same on every rank: the
+        task, the student step k, the re-noise levels, so every rank runs the same forward
+        passes under ZeRO-3) and `local` (per rank: noise, so ranks see different samples)."""
         from flashctl.distill import dmd2
         from flashctl.distill.mixture import task_for_step
         from flashctl.distill.schedules import sample_student_step
 
         d = self.spec.distill
-        p_edit = self.spec.mixture.edit_probability
-        S = d.student_steps
-        critic_losses = []
+        shared = dmd2.step_generator(d.seed, step, micro)
+        local = dmd2.step_generator(d.seed + 7919 * (self.rank + 1), step, micro)
+        task = task_for_step(step, micro, d.seed, self.spec.mixture.edit_probability)
+        k = sample_student_step(shared, d.student_steps)
+        return shared, local, task, k
+
+    def _student_noise(self, cond, local):
+        import torch
+
+        return torch.randn((cond.batch, *cond.latent_shape), generator=local).to(self.device)
+
+    def critic_update(self, step: int, micro: int) -> float:
+        """One fake-score update: flow matching on a detached student sample (backward simulation)."""
+        from flashctl.distill import dmd2
+
+        _, local, task, k = self.draws(step, micro)
+        cond = self.conditioning(task)
+        x = dmd2.simulate_student(self.student, cond, self.sigmas, k, self._student_noise(cond, local), with_grad=False)
+        loss = dmd2.critic_loss(self.critic, cond, x, local)
+        self.critic.backward(loss)
+        self.critic.step()
+        return loss.item()
+
+    def generator_update(self, step: int, micro: int) -> dict[str, Any]:
+        """One student update: a sample with grad at student step k, the teacher the guidance
+        policy picks for (task, k), the distribution-matching loss against the critic."""
+        from flashctl.distill import dmd2
+
+        d = self.spec.distill
+        shared, local, task, k = self.draws(step, micro)
+        cond = self.conditioning(task)
+        name, teacher = self.teacher_for(task, k)
+        x = dmd2.simulate_student(self.student, cond, self.sigmas, k, self._student_noise(cond, local), with_grad=True)
+        loss, stats = dmd2.generator_loss(x, cond, self.critic, teacher, local, d.tau_min, d.tau_max,
+                                          objective=d.objective, tau_generator=shared,
+                                          student_sigma=float(self.sigmas[k]))
+        self.student.backward(loss)
+        self.student.step()
+        return {"loss": loss.item(), "stats": stats, "task": task, "k": k, "teacher": name}
+
+    def round(self, step: int) -> dict[str, float]:
+        """DMD2's two time scales: K critic updates, then one generator update (DMD: K = 1)."""
+        d = self.spec.distill
         updates = 1 if d.objective == "dmd" else d.critic_updates  # DMD: no two-time-scale rule
-        for micro in range(updates + 1):
-            shared = dmd2.step_generator(d.seed, step, micro)  # same on every rank
-            local = dmd2.step_generator(d.seed + 7919 * (self.rank + 1), step, micro)
-            task = task_for_step(step, micro, d.seed, p_edit)
-            k = sample_student_step(shared, S)
-            cond = self.conditioning(task)
-            noise = torch.randn((cond.batch, *cond.latent_shape), generator=local).to(self.device)
-            if micro < updates:
-                x = dmd2.simulate_student(self.student, cond, self.sigmas, k, noise, with_grad=False)
-                loss = dmd2.critic_loss(self.critic, cond, x, local)
-                self.critic.backward(loss)
-                self.critic.step()
-                critic_losses.append(loss.item())
-            else:
-                name, teacher = self.teacher_for(task, k)
-                x = dmd2.simulate_student(self.student, cond, self.sigmas, k, noise, with_grad=True)
-                gen_loss, stats = dmd2.generator_loss(x, cond, self.critic, teacher, local, d.tau_min, d.tau_max,
-                                                      objective=d.objective, tau_generator=shared)
-                self.student.backward(gen_loss)
-                self.student.step()
-        metrics = {
-            "train/loss_generator": gen_loss.item(),
+        critic_losses = [self.critic_update(step, micro) for micro in range(updates)]
+        gen = self.generator_update(step, micro=updates)
+        return {
+            "train/loss_generator": gen["loss"],
             "train/loss_critic": sum(critic_losses) / len(critic_losses),
             "train/grad_norm_generator": _norm(self.student),
             "train/grad_norm_critic": _norm(self.critic),
             "train/lr_generator": self.student.get_lr()[0],
             "train/lr_critic": self.critic.get_lr()[0],
-            "train/dm_grad_norm": stats["dm_grad_norm"],
-            "train/fake_real_gap": stats["fake_real_gap"],
-            "train/student_step": float(k),
-            "train/task_edit": float(task == "edit"),
-            "train/teacher_specialised": float(name != self.spec.guidance.base),
+            "train/dm_grad_norm": gen["stats"]["dm_grad_norm"],
+            "train/fake_real_gap": gen["stats"]["fake_real_gap"],
+            "train/student_step": float(gen["k"]),
+            "train/task_edit": float(gen["task"] == "edit"),
+            "train/teacher_specialised": float(gen["teacher"] != self.spec.guidance.base),
         }
-        return metrics
 
     def state(self, step: int) -> dict[str, Any]:
         from flashctl.distill.checkpoint import capture_rng_state
@@ -197,33 +236,68 @@ class DistillJob:
         if self.rank == 0:
             prune_checkpoints(self.ckpt_dir, keep=2)
 
-    def export(self):
-        """Gather the student (all ranks) and, on rank 0, write the pipeline folder + safetensors."""
-        from safetensors.torch import save as safetensors_bytes
+    def student_scheduler(self):
+        """A fresh scheduler on the student's training grid (`self.sigmas`), derived from the
+        teacher's: samples, the exported pipeline and the evaluation use it for the student,
+        while the teacher keeps its own (`self.adapter.scheduler`)."""
+        from flashctl.distill.schedules import student_scheduler
 
-        from flashctl.distill.engine import barrier, full_state_dict
-        from flashctl.io import atomic_write_bytes
+        return student_scheduler(self.adapter.scheduler, self.spec.distill.shift)
 
-        state = full_state_dict(self.student)
-        if self.rank != 0:
-            barrier()
-            return None
-        from diffusers import QwenImageTransformer2DModel
+    def export(self, max_shard_bytes: int | None = None):
+        """Write the student as the diffusers pipeline folder `run_dir/student` (all ranks: a collective).
 
-        model = QwenImageTransformer2DModel.from_config(self.student_config).eval().requires_grad_(False)
-        model.load_state_dict({k: v.float() for k, v in state.items()})
+        The student is gathered one submodule at a time and rank 0 streams each tensor, in the
+        training dtype, into sharded safetensors (`models.weights.write_transformer`): beyond its
+        partition no rank holds more than one submodule. The pipeline's scheduler is the
+        student's own. Returns, on rank 0 when the evaluation is enabled, the exported student
+        loaded back as a plain model on this rank's device (what the evaluation samples); None
+        otherwise."""
+        from flashctl.distill.engine import barrier
+        from flashctl.models.export import save_components
+        from flashctl.models.weights import DEFAULT_SHARD_BYTES, build_transformer, write_transformer
+
+        module = self.student.module
+        shard = max_shard_bytes or DEFAULT_SHARD_BYTES
         out = self.run_dir / "student"
-        self.adapter.scheduler = _student_scheduler(self.adapter.scheduler, self.spec.distill.shift)
-        self.adapter.save_pipeline(out, transformer=model)
-        atomic_write_bytes(self.run_dir / "student.safetensors",
-                           safetensors_bytes({k: v.contiguous().float() for k, v in state.items()}))
+        if self.rank == 0:
+            # the student's own scheduler (its training grid); the adapter keeps the teacher's
+            comps = {**self.adapter.components(), "scheduler": self.student_scheduler()}
+            save_components(comps, out, lambda folder: write_transformer(module, folder, self.dtype, shard))
+        else:
+            write_transformer(module, None, self.dtype, shard)
         barrier()
-        return model
+        if self.rank != 0 or not self.spec.eval.enabled:
+            return None
+        return build_transformer(str(out), self.dtype, self.device).eval().requires_grad_(False)
+
+    def base_teacher_replica(self):
+        """The base teacher as a plain model on this rank (the evaluation samples it on rank 0):
+        the frozen replica itself, or, when teachers are partitioned, a copy read from its files
+        in the training dtype (until the evaluation runs data-parallel, issue 10 item 6)."""
+        from flashctl.models.weights import build_transformer
+
+        teacher = self.teachers[self.spec.guidance.base].model
+        if not self.partition_teachers:
+            return teacher
+        path = self.teacher_paths[self.spec.guidance.base]
+        return build_transformer(path, self.dtype, self.device).eval().requires_grad_(False)
 
 
-def _student_scheduler(scheduler, shift: float):
-    """The teacher's scheduler set to the student's static shift (its training grid)."""
-    return type(scheduler).from_config({**scheduler.config, "use_dynamic_shifting": False, "shift": shift})
+def _announce_op_build(spec) -> None:
+    """Say so (rank 0) when DeepSpeed is about to JIT-compile its CPU comm op (~1 min, first run only)."""
+    if spec.launch.device != "cpu" or os.environ.get("RANK", "0") != "0":
+        return
+    from flashctl.distill.ops import op_is_built
+    from flashctl.progress import announce
+
+    try:
+        built = op_is_built()
+    except Exception:  # noqa: BLE001 -- cannot tell; DeepSpeed decides
+        return
+    if not built:
+        announce("compiling DeepSpeed's CPU comm op (first run only, about a minute; "
+                 "`make setup` does it ahead)")
 
 
 def _norm(engine) -> float:
@@ -240,20 +314,23 @@ def run(run_dir: Path) -> int:
     from flashctl.distill.checkpoint import install_stop_handler, load_checkpoint
     from flashctl.distill.engine import init_distributed, quiet_collective_warnings
     from flashctl.io import atomic_write_json
+    from flashctl.progress import Phase, announce
     from flashctl.spec import load_spec, spec_hash
     from flashctl.track import NullTracker, make_tracker
 
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning)
     spec = load_spec(run_dir / "spec.resolved.yaml")
+    _announce_op_build(spec)
     info = init_distributed(spec.launch.device)
     quiet_collective_warnings()
     torch.manual_seed(spec.distill.seed)
     stop = install_stop_handler()
-    job = DistillJob(spec, run_dir, info)
+    with Phase(f"loading models, building DeepSpeed engines (ZeRO-{spec.deepspeed.zero_stage}, {info.world_size} rank(s))",
+               enabled=info.rank == 0):
+        job = DistillJob(spec, run_dir, info)
+    announce("loading the latest checkpoint, if any", info.rank == 0)
     state = load_checkpoint(job.ckpt_dir, {"student": job.student, "critic": job.critic})
     start = job.restore(state) if state else 0
-    tags = {"spec_hash": spec_hash(spec)}
+    tags = {"flashctl.spec_hash": spec_hash(spec)}  # track.TAG_HASH
     if not os.environ.get("MLFLOW_RUN_ID"):  # an ablation cell keeps the grid's own tags
         tags["flashctl.kind"] = "distill"
     tracker = make_tracker(spec.tracking, run_dir, spec.run.name, rank=info.rank, tags=tags)
@@ -265,6 +342,7 @@ def run(run_dir: Path) -> int:
 
             tracker.log_dataset(spec.data.root, "shards", read_manifest(spec.data.root, verify=False).digest)
         tracker.set_tags({"status": "running", "resumed_from": str(start)})
+    announce(f"training: generator steps {start + 1}-{spec.distill.steps}", info.rank == 0 and start < spec.distill.steps)
     progress = _Progress(info.rank == 0, spec.distill.steps, start)
     t0 = time.perf_counter()
     samples = 0
@@ -291,15 +369,18 @@ def run(run_dir: Path) -> int:
             return EXIT_STOPPED
     progress.close()
     if start < spec.distill.steps:
-        job.save(spec.distill.steps)
-    student = job.export()
+        with Phase("saving the final checkpoint", enabled=info.rank == 0):
+            job.save(spec.distill.steps)
+    with Phase("exporting the student (gather + diffusers folder)", enabled=info.rank == 0):
+        student = job.export()
     if info.rank == 0:
         train_time = time.perf_counter() - t0
         tracker.log_metrics({"train/time_s": train_time}, spec.distill.steps)
         summary = {"steps": spec.distill.steps, "resumed_from": start, "train_time_s": train_time,
                    "last_metrics": last, "student": str(run_dir / "student")}
         if spec.eval.enabled:
-            summary["eval"] = _evaluate(job, student, tracker)
+            with Phase("evaluating student vs teacher"):
+                summary["eval"] = _evaluate(job, student, tracker)
         atomic_write_json(run_dir / "summary.json", summary)
         tracker.set_tags({"status": "finished"})
         tracker.finish("FINISHED")
@@ -312,8 +393,9 @@ def _evaluate(job: DistillJob, student, tracker) -> dict[str, float]:
     from flashctl.evaluate import default_models, eval_rows, evaluate_models
 
     spec = job.spec
-    teacher = job.adapter.transformer  # the base teacher, unpartitioned (rank 0 samples alone)
+    teacher = job.base_teacher_replica()  # unpartitioned: rank 0 samples alone
     models = default_models(spec)
+    models["student"].scheduler = job.student_scheduler()  # the teachers sample on their own schedule
     chosen = {"student": (student, models["student"]), "teacher": (teacher, models["teacher"]),
               "teacher_fast": (teacher, models["teacher_fast"])}
     Console(stderr=True).print("evaluating student vs teacher on the seeded eval set")
@@ -327,8 +409,9 @@ def _evaluate(job: DistillJob, student, tracker) -> dict[str, float]:
 
 
 def _print_eval(m: dict[str, float]) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from flashctl.term import human_console, show
 
     table = Table(title="evaluation (verifier accuracy)")
     for col in ("model", "NFE", "T2I acc", "edit acc", "s/image"):
@@ -337,9 +420,10 @@ def _print_eval(m: dict[str, float]) -> None:
         if f"eval/{name}/nfe" in m:
             table.add_row(name, f"{m[f'eval/{name}/nfe']:.0f}", f"{m.get(f'eval/{name}/t2i_acc', float('nan')):.3f}",
                           f"{m.get(f'eval/{name}/edit_acc', float('nan')):.3f}", f"{m[f'eval/{name}/sec_per_image']:.4f}")
-    Console(stderr=True).print(table)
+    console = human_console(stderr=True)
+    show(console, table)
     if "eval/speedup" in m:
-        Console(stderr=True).print(
+        console.print(
             f"retention T2I {m.get('eval/retention/t2i', float('nan')):.2f}, edit "
             f"{m.get('eval/retention/edit', float('nan')):.2f}; speed-up x{m['eval/speedup']:.1f}")
 
@@ -349,7 +433,8 @@ def _log_samples(job: DistillJob, tracker, step: int) -> None:
     from flashctl.evaluate import eval_rows, sample_rows
 
     rows = [r for r in eval_rows(job.spec) if r["aspect"] == "square"][:8]
-    images, _ = sample_rows(job.adapter, job.student, rows, job.spec.distill.student_steps, 1.0, job.spec.eval.seed, batch=8)
+    images, _ = sample_rows(job.adapter, job.student, rows, job.spec.distill.student_steps, 1.0, job.spec.eval.seed,
+                            batch=8, scheduler=job.student_scheduler())
     if job.rank == 0:
         from flashctl.images import image_grid
 

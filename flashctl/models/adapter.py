@@ -85,7 +85,7 @@ def cap_edit_pipeline(pipe: Any, max_pixels: int) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
-def _load_components(path: str, dtype: torch.dtype) -> dict[str, Any]:
+def _load_components(path: str, dtype: torch.dtype, transformer: bool = True) -> dict[str, Any]:
     from diffusers import DiffusionPipeline
 
     import flashctl.models.processor  # noqa: F401  (diffusers' loader finds the tiny processor class)
@@ -96,12 +96,14 @@ def _load_components(path: str, dtype: torch.dtype) -> dict[str, Any]:
             raise UserError(f"{path}: not a diffusers pipeline folder (no model_index.json)")
         path = str(local.expanduser())
     try:
-        pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype, use_safetensors=True)
+        skip = {} if transformer else {"transformer": None}  # the trainer builds its own, partitioned
+        pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype, use_safetensors=True, **skip)
     except (OSError, ValueError) as exc:  # missing folder / hub id, offline, bad model_index
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{path}: cannot load a diffusers pipeline ({first})") from None
     comps = dict(pipe.components)
-    missing = [k for k in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler") if comps.get(k) is None]
+    needed = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")[0 if transformer else 1:]
+    missing = [k for k in needed if comps.get(k) is None]
     if missing:
         raise UserError(f"{path}: pipeline lacks {', '.join(missing)} (need a Qwen-Image pipeline)")
     return comps
@@ -151,7 +153,9 @@ class QwenImageAdapter:
         self.dtype = dtype
         self.edit_max_pixels = edit_max_pixels
         self.source = source
-        self.transformer = _to(components["transformer"], self.device, dtype)
+        # None when the caller builds its transformers itself (the trainer: partitioned engines)
+        self.transformer = (_to(components["transformer"], self.device, dtype)
+                            if components.get("transformer") is not None else None)
         self.vae = _to(components["vae"], self.device, dtype).eval().requires_grad_(False)
         self.text_encoder = _to(components["text_encoder"], self.device, dtype).eval().requires_grad_(False)
         self.tokenizer = components["tokenizer"]
@@ -176,9 +180,15 @@ class QwenImageAdapter:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         edit_max_pixels: int | None = 64 * 64,
+        transformer: bool = True,
     ) -> "QwenImageAdapter":
-        """Load a diffusers Qwen-Image(-Edit) pipeline folder or hub id (safetensors weights)."""
-        return cls(_load_components(str(path), dtype), device, dtype, edit_max_pixels, source=str(path))
+        """Load a diffusers Qwen-Image(-Edit) pipeline folder or hub id (safetensors weights).
+
+        `transformer=False` skips the pipeline's transformer (`self.transformer` is None): the
+        distillation worker builds student, critic and teachers partitioned from the files
+        instead, so that no rank ever holds an unpartitioned copy (design §5)."""
+        comps = _load_components(str(path), dtype, transformer=transformer)
+        return cls(comps, device, dtype, edit_max_pixels, source=str(path))
 
     def components(self, transformer: torch.nn.Module | None = None) -> dict[str, Any]:
         """Pipeline components (with `transformer` swapped in when given)."""
@@ -359,9 +369,11 @@ class QwenImageAdapter:
 
     # ------------------------------------------------------------------------------- sampling
 
-    def make_scheduler(self) -> Any:
-        """A fresh scheduler with this pipeline's config (schedulers are stateful)."""
-        return type(self.scheduler).from_config(self.scheduler.config)
+    def make_scheduler(self, template: Any | None = None) -> Any:
+        """A fresh scheduler with the config of `template` (default: this pipeline's own);
+        schedulers are stateful, so every sampling run gets its own."""
+        template = self.scheduler if template is None else template
+        return type(template).from_config(template.config)
 
     def set_timesteps(self, scheduler: Any, steps: int, height: int, width: int) -> torch.Tensor:
         """Set `scheduler` to the schedule the pipelines use for `steps` at this size; returns
@@ -401,6 +413,7 @@ class QwenImageAdapter:
         cfg_rescale: float = 0.0,
         negative_prompt: str = "",
         output_type: str = "pil",
+        scheduler: Any | None = None,
     ) -> list[Image.Image] | torch.Tensor:
         """Generate images with the pipelines' Euler flow-matching loop.
 
@@ -408,7 +421,8 @@ class QwenImageAdapter:
         and steps as `QwenImagePipeline(..., generator=torch.Generator().manual_seed(seed))`
         / `QwenImageEditPipeline`; with `cfg_scale > 1` the pipelines correspond to
         `cfg_rescale=1.0` and `negative_prompt=""`. `output_type="latent"` returns the packed
-        latents instead of images."""
+        latents instead of images. `scheduler` (default: this pipeline's) sets the schedule: a
+        student samples on its own (`distill.schedules.student_scheduler`), not the teacher's."""
         from diffusers.utils.torch_utils import randn_tensor
 
         self._check_size(height, width)
@@ -424,7 +438,7 @@ class QwenImageAdapter:
         shape = (b, 1, self.z_dim, 2 * (height // f), 2 * (width // f))
         noise = randn_tensor(shape, generator=torch.Generator("cpu").manual_seed(seed), device=self.device, dtype=embeds.dtype)
         latents = self.t2i_pipe._pack_latents(noise, b, self.z_dim, shape[3], shape[4])
-        scheduler = self.make_scheduler()
+        scheduler = self.make_scheduler(scheduler)
         timesteps = self.set_timesteps(scheduler, steps, height, width)
         scheduler.set_begin_index(0)
         for t in timesteps:
@@ -440,10 +454,13 @@ class QwenImageAdapter:
 
     # --------------------------------------------------------------------------------- export
 
-    def save_pipeline(self, out_dir: str | Path, transformer: torch.nn.Module | None = None) -> Path:
+    def save_pipeline(self, out_dir: str | Path, transformer: torch.nn.Module | None = None,
+                      write_transformer: Any = None) -> Path:
         """Write a diffusers pipeline folder (safetensors) with `transformer` (default: this
         adapter's). `QwenImagePipeline.from_pretrained(out_dir)` loads it, and so does
-        `QwenImageEditPipeline` when the adapter has a processor. Replaces `out_dir` atomically."""
+        `QwenImageEditPipeline` when the adapter has a processor. Replaces `out_dir` atomically.
+        `write_transformer(folder)` writes the transformer subfolder instead (see
+        `export.save_components`)."""
         from flashctl.models.export import save_components
 
-        return save_components(self.components(transformer), out_dir)
+        return save_components(self.components(transformer), out_dir, write_transformer)

@@ -1,0 +1,90 @@
+"""DeepSpeed's JIT-compiled CPU ops, built ahead of the first run.
+
+On the CPU accelerator DeepSpeed compiles a shared-memory allreduce op (`deepspeed_shm_comm`,
+~50 s on 2 cores) the first time a process group starts, and CPUAdam (~80 s) the first time an
+engine offloads its optimizer. Without this module that minute passes silently after
+"starting runs/...". `make setup` runs
+
+    python -m flashctl.distill.ops            # the shm comm op (what every CPU run needs)
+    python -m flashctl.distill.ops --cpu-adam # also CPUAdam (deepspeed.offload_optimizer: cpu)
+
+which compiles them into torch's extension cache (TORCH_EXTENSIONS_DIR, default
+~/.cache/torch_extensions), where DeepSpeed's later `builder.load()` finds them. A failed build
+prints one line and exits 0: set-up goes on, and the first run compiles (or falls back) as before.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+SHM_COMM = "ShareMemCommBuilder"
+CPU_ADAM = "CPUAdamBuilder"
+DESCRIPTIONS = {SHM_COMM: "CPU shared-memory comm op", CPU_ADAM: "CPUAdam"}
+
+
+def _builder(name: str):
+    if "deepspeed" in sys.modules and os.environ.get("DS_ACCELERATOR") != "cpu":
+        raise RuntimeError("deepspeed was imported before DS_ACCELERATOR=cpu was set")
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder(name)
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return None  # DeepSpeed itself would not build it here (e.g. not Linux): nothing to wait for
+    return builder
+
+
+def op_is_built(name: str = SHM_COMM) -> bool:
+    """Whether DeepSpeed's op `name` is already compiled in torch's extension cache (no build).
+
+    Used to say, before a run starts its process group, that a one-time compile is coming.
+    """
+    from torch.utils.cpp_extension import _get_build_directory
+
+    builder = _builder(name)
+    if builder is None:
+        return True  # nothing to compile on this accelerator
+    folder = _get_build_directory(builder.NAME, verbose=False)
+    return os.path.isfile(os.path.join(folder, f"{builder.NAME}.so"))
+
+
+def build_op(name: str) -> float:
+    """Compile (or load, if cached) DeepSpeed op `name`; returns the seconds it took."""
+    t0 = time.perf_counter()
+    builder = _builder(name)
+    if builder is None:
+        raise RuntimeError(f"DeepSpeed does not build {name} on this machine")
+    builder.load(verbose=False)
+    return time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cpu-adam", action="store_true", help="also build CPUAdam (optimizer offload)")
+    args = parser.parse_args(argv)
+    names = [SHM_COMM] + ([CPU_ADAM] if args.cpu_adam else [])
+    for name in names:
+        what = DESCRIPTIONS[name]
+        try:
+            if op_is_built(name):
+                print(f"DeepSpeed's {what}: already built", flush=True)
+                continue
+        except Exception:  # noqa: BLE001 -- cannot tell: try the build below
+            pass
+        print(f"building DeepSpeed's {what} (one time, about a minute on 2 cores) ...", flush=True)
+        try:
+            seconds = build_op(name)
+        except Exception as exc:  # noqa: BLE001 -- set-up must go on; the first run retries
+            reason = str(exc).strip().splitlines()[-1:] or [type(exc).__name__]
+            print(f"DeepSpeed's {what} did not build ({reason[0][:200]}); the first run will try again", flush=True)
+            continue
+        print(f"DeepSpeed's {what} ready ({seconds:.0f} s)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
