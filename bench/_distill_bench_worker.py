@@ -10,7 +10,8 @@ rank writes `DIR/{tag}-r{rank}.json` (`tag` from CFG).
 flashctl trainer code): the same transformer weights, batch, K critic updates, student steps
 (the k of every micro-step is given in CFG so both sides run the same number of forwards),
 the same CFG teacher calls, torch.optim.AdamW with the same settings and gradient clipping,
-and the same per-micro-step prompt encoding (text encoder for the prompts and for "").
+and the same prompt encoding (text encoder for each micro-step's prompts; the constant "" negative
+encoded once).
 Writes `DIR/minimal.json`.
 
 Both record per round: wall time, and the time spent building the conditioning (data + text
@@ -39,6 +40,17 @@ def _write(path: Path, obj: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------------ flashctl
+
+
+def persistent_fraction(engine) -> float:
+    """Fraction of the parameters (elements) every rank keeps whole under ZeRO-3: those below
+    `stage3_param_persistence_threshold` (ds_persist), plus any not partitioned at all."""
+    total = whole = 0
+    for p in engine.module.parameters():
+        n = p.ds_numel if hasattr(p, "ds_tensor") else p.numel()
+        total += n
+        whole += n if (not hasattr(p, "ds_tensor") or getattr(p, "ds_persist", False)) else 0
+    return whole / max(total, 1)
 
 
 def run_flashctl(cfg: dict[str, Any], out: Path) -> None:
@@ -81,6 +93,7 @@ def run_flashctl(cfg: dict[str, Any], out: Path) -> None:
         "student_local_param_bytes": local_param_bytes(job.student),
         "critic_local_param_bytes": local_param_bytes(job.critic),
         "student_full_param_bytes": full_param_bytes(job.student),
+        "student_persistent_fraction": persistent_fraction(job.student),
     })
     barrier()
 
@@ -138,12 +151,16 @@ def run_minimal(cfg: dict[str, Any], out: Path) -> None:
         e, m = encoder.encode_prompt(texts, device=torch.device("cpu"))
         return e, (None if m is None or bool(m.all()) else m)
 
+    with torch.no_grad():  # the constant CFG negative, encoded once (as flashctl does)
+        e_neg, m_neg = encode([""])
+        negative = (e_neg.expand(B, *e_neg.shape[1:]), None if m_neg is None else m_neg.expand(B, *m_neg.shape[1:]))
+
     def next_cond():
         i = cursor[0]
         batch = [prompts[(i + j) % len(prompts)] for j in range(B)]
         cursor[0] = i + B
         with torch.no_grad():
-            return encode(batch), encode([""] * B)
+            return encode(batch), negative
 
     def velocity(model, x, t, cond):
         e, m = cond

@@ -563,7 +563,7 @@ class ExperimentSpec(_Model):
 
     def student_sigma_levels(self) -> list[float]:
         """The student's input sigma per step: linspace(1, 1/S, S)_k = 1 - k/S, shifted by
-        s*x / (1 + (s-1)*x). Same values as `distill.schedules.student_sigmas` (without its
+        s*x / (1 + (s-1)*x). Same values as `flow.student_sigmas` (without its
         terminal 0), computed here without torch so validation stays light."""
         s, n = self.distill.shift, self.distill.student_steps
         return [s * x / (1 + (s - 1) * x) for x in (1 - k / n for k in range(n))]

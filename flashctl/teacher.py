@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from flashctl import flow
 from flashctl.errors import UserError
 from flashctl.io import atomic_write_json, atomic_write_text
 from flashctl.progress import StepProgress
@@ -188,10 +189,9 @@ def train_teacher(spec: ExperimentSpec, console=None, resume: bool = True) -> di
             x0 = b.latents
             eps = torch.randn(x0.shape, generator=gen)
             sigma = logit_normal_sigmas(gen, tt.batch_size)
-            s = sigma.view(-1, 1, 1)
-            x_t = (1 - s) * x0 + s * eps
+            x_t = flow.add_noise(x0, eps, sigma)
             v = adapter.velocity(model, x_t, sigma, embeds, mask, b.height, b.width, b.source_latents, b.source_size)
-            loss = torch.nn.functional.mse_loss(v, eps - x0)
+            loss = flow.flow_matching_loss(v, x0, eps)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -263,16 +263,10 @@ def _drop_condition(b, drop: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Replace the conditioning of `drop`ped samples by the unconditional one (for CFG)."""
     if not drop.any():
         return b.embeds, b.mask
-    length = max(b.embeds.shape[1], b.neg_embeds.shape[1])
+    from flashctl.models.adapter import cat_conditioning
 
-    def pad(e, m):
-        pe = e.new_zeros(e.shape[0], length, e.shape[2])
-        pm = m.new_zeros(m.shape[0], length)
-        pe[:, : e.shape[1]] = e
-        pm[:, : m.shape[1]] = m
-        return pe, pm
-
-    e, m = pad(b.embeds, b.mask)
-    ne, nm = pad(b.neg_embeds, b.neg_mask)
+    n = b.embeds.shape[0]
+    both, masks = cat_conditioning([(b.embeds, b.mask), (b.neg_embeds, b.neg_mask)])  # padded to one length
+    e, ne, m, nm = both[:n], both[n:], masks[:n], masks[n:]
     d = drop.view(-1, 1)
     return torch.where(d.unsqueeze(-1), ne, e), torch.where(d, nm, m)

@@ -70,12 +70,16 @@ def test_ds_config_export_precision_offload_and_copies():
     zero = cfg["zero_optimization"]
     assert zero["stage3_gather_16bit_weights_on_model_save"] is True
     assert zero["offload_optimizer"]["device"] == "cpu" and zero["offload_param"]["device"] == "cpu"
-    assert zero["stage3_param_persistence_threshold"] == eng.GPU_PERSISTENCE_THRESHOLD
     assert cfg["bf16"]["enabled"] is True
     assert cfg["optimizer"]["params"]["torch_adam"] is False  # offload -> DeepSpeed CPUAdam
-    # CPU scale partitions every tensor so the tiny models exercise real ZeRO-3 gathers
+    # ZeRO knobs the spec leaves unset are left to DeepSpeed on every device; set ones pass through
+    knobs = ("stage3_param_persistence_threshold", "stage3_prefetch_bucket_size", "stage3_max_live_parameters",
+             "reduce_bucket_size")
     cpu = eng.ds_config(spec_with(), lr=1e-5, world_size=2)
-    assert cpu["zero_optimization"]["stage3_param_persistence_threshold"] == 0
+    assert not any(k in zero or k in cpu["zero_optimization"] for k in knobs)
+    tuned = eng.ds_config(spec_with(deepspeed={"param_persistence_threshold": 0, "prefetch_bucket_size": 7,
+                                               "max_live_parameters": 8, "reduce_bucket_size": 9}), 1e-5, 2)
+    assert [tuned["zero_optimization"][k] for k in knobs] == [0, 7, 8, 9]
     # two engines never share a dict; a frozen copy has no optimizer
     a, b = eng.ds_config(spec_with(), 1e-5, 2), eng.ds_config(spec_with(), 2e-5, 2)
     assert a["optimizer"] is not b["optimizer"]
@@ -99,6 +103,8 @@ def test_deepspeed_parses_our_config(monkeypatch, stage, precision, offload):
     assert (parsed.train_batch_size, parsed.gradient_accumulation_steps) == (6, 3)
     assert parsed.zero_optimization_stage == stage
     assert parsed.gradient_clipping == 1.0
+    # unset knobs: DeepSpeed's own defaults (the values DeepSpeedSpec's docstrings quote)
+    assert parsed.zero_config.param_persistence_threshold == eng.DEEPSPEED_PERSISTENCE_THRESHOLD
 
 
 def test_ds_config_rejects_impossible_settings():

@@ -33,8 +33,7 @@ FLOORS: dict[str, int] = {
 }
 
 KNOWN_CYCLES: list[list[str]] = []
-KNOWN_UPWARD = [("flashctl.models.adapter", "flashctl.distill"),  # issue 13 item 2: flow maths
-                ("flashctl.models.adapter", "flashctl.distill.objectives")]
+KNOWN_UPWARD: list[tuple[str, str]] = []
 
 
 def module_name(path: Path) -> str:

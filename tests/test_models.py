@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from flashctl.distill import objectives as flow
-from flashctl.distill.schedules import shift_sigmas
+from flashctl import flow
 from flashctl.errors import UserError
+from flashctl.flow import shift_sigmas
 from flashctl.models.adapter import QwenImageAdapter, cap_edit_pipeline, cat_conditioning, reference_size
 from flashctl.models.tiny import build_tiny_pipeline, build_tokenizer, build_vae, template_prefix_lengths
 from flashctl.models.vae_train import images_to_tensor, reconstruction_l1, set_latent_stats, train_vae
@@ -268,7 +268,8 @@ QWEN_IMAGE_SCHEDULER = {
 def test_exported_student_pipeline_samples_on_the_training_grid(adapter, tmp_path):
     from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
 
-    from flashctl.distill.schedules import student_scheduler, student_sigmas
+    from flashctl.distill.schedules import student_scheduler
+    from flashctl.flow import student_sigmas
     from flashctl.models.export import save_components
 
     teacher_sched = FlowMatchEulerDiscreteScheduler.from_config(QWEN_IMAGE_SCHEDULER)

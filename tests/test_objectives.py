@@ -9,6 +9,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
+from flashctl import flow
 from flashctl.distill import guidance, mixture, schedules
 from flashctl.distill import objectives as ob
 from flashctl.spec import GuidanceSpec
@@ -29,52 +30,52 @@ V = T([[[-2.0, 2.0]], [[2.0, -4.0]]])
 
 
 def test_add_noise_broadcasts_per_sample_t():
-    assert torch.equal(ob.add_noise(X0, EPS, TS), XT)
-    assert torch.equal(ob.velocity_target(X0, EPS), V)
+    assert torch.equal(flow.add_noise(X0, EPS, TS), XT)
+    assert torch.equal(flow.velocity_target(X0, EPS), V)
     # scalar t: the same level for the whole batch
-    assert torch.equal(ob.add_noise(X0, EPS, 0.5), T([[[1.0, 0.0]], [[1.0, 2.0]]]))
+    assert torch.equal(flow.add_noise(X0, EPS, 0.5), T([[[1.0, 0.0]], [[1.0, 2.0]]]))
 
 
 def test_x0_and_eps_from_velocity_invert_the_noising():
     # s0: [1.5,-.5] - .25*[-2,2] = [2,-1];  eps: [1.5,-.5] + .75*[-2,2] = [0,1]
-    assert torch.equal(ob.x0_from_velocity(XT, TS, V), X0)
-    assert torch.equal(ob.eps_from_velocity(XT, TS, V), EPS)
+    assert torch.equal(flow.x0_from_velocity(XT, TS, V), X0)
+    assert torch.equal(flow.eps_from_velocity(XT, TS, V), EPS)
 
 
 def test_timestep_batch_mismatch_is_an_error():
     with pytest.raises(ValueError, match="does not match batch"):
-        ob.add_noise(X0, EPS, T([0.1, 0.2, 0.3]))
+        flow.add_noise(X0, EPS, T([0.1, 0.2, 0.3]))
 
 
 def test_euler_step_hand_value_and_exact_on_straight_paths():
     # [1,2] + (.5 - .75) * [-2,4] = [1.5, 1]
-    assert torch.equal(ob.euler_step(T([1.0, 2.0]), T([-2.0, 4.0]), 0.75, 0.5), T([1.5, 1.0]))
+    assert torch.equal(flow.euler_step(T([1.0, 2.0]), T([-2.0, 4.0]), 0.75, 0.5), T([1.5, 1.0]))
     # with the true velocity the flow is a straight line: one step lands on x_{sigma_next}
-    out = ob.euler_step(XT, V, TS, T([0.0, 0.1]))
-    assert torch.allclose(out, ob.add_noise(X0, EPS, T([0.0, 0.1])))
+    out = flow.euler_step(XT, V, TS, T([0.0, 0.1]))
+    assert torch.allclose(out, flow.add_noise(X0, EPS, T([0.0, 0.1])))
 
 
 def test_shift_sigmas_and_student_grid():
     # 3*.5/(1+2*.5) = .75 ; 3*.25/(1+2*.25) = .5 ; 3*.75/(1+2*.75) = .9
-    assert torch.allclose(schedules.shift_sigmas(T([1.0, 0.75, 0.5, 0.25]), 3.0), T([1.0, 0.9, 0.75, 0.5]))
-    assert torch.allclose(schedules.student_sigmas(4, 3.0), torch.tensor([1.0, 0.9, 0.75, 0.5, 0.0]))
-    assert torch.allclose(schedules.student_sigmas(4, 1.0), torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]))
+    assert torch.allclose(flow.shift_sigmas(T([1.0, 0.75, 0.5, 0.25]), 3.0), T([1.0, 0.9, 0.75, 0.5]))
+    assert torch.allclose(flow.student_sigmas(4, 3.0), torch.tensor([1.0, 0.9, 0.75, 0.5, 0.0]))
+    assert torch.allclose(flow.student_sigmas(4, 1.0), torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]))
     with pytest.raises(ValueError):
-        schedules.student_sigmas(0, 3.0)
+        flow.student_sigmas(0, 3.0)
 
 
 @pytest.mark.parametrize("steps,shift", [(4, 3.0), (8, 2.5), (1, 3.0), (50, 1.0)])
 def test_student_grid_matches_diffusers_static_shift_scheduler(steps, shift):
     sched = FlowMatchEulerDiscreteScheduler(shift=shift, use_dynamic_shifting=False)
     sched.set_timesteps(sigmas=np.linspace(1.0, 1.0 / steps, steps))  # QwenImagePipeline's grid
-    assert torch.allclose(schedules.student_sigmas(steps, shift), sched.sigmas, atol=1e-6)
+    assert torch.allclose(flow.student_sigmas(steps, shift), sched.sigmas, atol=1e-6)
 
 
 def test_euler_sampling_matches_diffusers_scheduler_step():
     steps, shift = 4, 3.0
     sched = FlowMatchEulerDiscreteScheduler(shift=shift, use_dynamic_shifting=False)
     sched.set_timesteps(sigmas=np.linspace(1.0, 1.0 / steps, steps))
-    grid = schedules.student_sigmas(steps, shift)
+    grid = flow.student_sigmas(steps, shift)
     x_ours = x_ref = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(0))
 
     def velocity(x, s):  # any deterministic field will do
@@ -82,23 +83,23 @@ def test_euler_sampling_matches_diffusers_scheduler_step():
 
     for i, t in enumerate(sched.timesteps):
         x_ref = sched.step(velocity(x_ref, float(grid[i])), t, x_ref).prev_sample
-        x_ours = ob.euler_step(x_ours, velocity(x_ours, float(grid[i])), grid[i], grid[i + 1])
+        x_ours = flow.euler_step(x_ours, velocity(x_ours, float(grid[i])), grid[i], grid[i + 1])
     assert torch.allclose(x_ours, x_ref, atol=1e-6)
 
 
 def test_cfg_combine_plain_and_norm_rescaled():
     cond, uncond = T([[3.0, 4.0]]), T([[1.0, 0.0]])  # |cond| = 5
     comb = T([[5.0, 8.0]])  # [1,0] + 2*([3,4]-[1,0])
-    assert torch.equal(ob.cfg_combine(cond, uncond, 2.0), comb)
+    assert torch.equal(flow.cfg_combine(cond, uncond, 2.0), comb)
     full = comb * 5.0 / math.sqrt(89.0)  # |comb| = sqrt(25+64)
-    assert torch.allclose(ob.cfg_combine(cond, uncond, 2.0, rescale=1.0), full)
-    assert torch.allclose(ob.cfg_combine(cond, uncond, 2.0, rescale=0.25), 0.25 * full + 0.75 * comb)
+    assert torch.allclose(flow.cfg_combine(cond, uncond, 2.0, rescale=1.0), full)
+    assert torch.allclose(flow.cfg_combine(cond, uncond, 2.0, rescale=0.25), 0.25 * full + 0.75 * comb)
     # the norm is taken per token along the channel dim: each token keeps its own cond norm
     cond2 = T([[[3.0, 4.0], [0.0, 2.0]]])
-    out = ob.cfg_combine(cond2, torch.zeros_like(cond2), 3.0, rescale=1.0)
+    out = flow.cfg_combine(cond2, torch.zeros_like(cond2), 3.0, rescale=1.0)
     assert torch.allclose(out, cond2)
     with pytest.raises(ValueError):
-        ob.cfg_combine(cond, uncond, 2.0, rescale=1.5)
+        flow.cfg_combine(cond, uncond, 2.0, rescale=1.5)
 
 
 def test_dmd_gradient_hand_values_and_eps_clamp():
@@ -150,17 +151,17 @@ def test_decoupled_dmd_hand_value():
 def test_decoupled_dmd_at_one_level_equals_dmd2_with_cfg():
     gen = torch.Generator().manual_seed(3)
     x, fake, cond, uncond = (torch.randn(3, 5, 4, generator=gen, dtype=torch.float64) for _ in range(4))
-    ref = ob.dmd_gradient(x, fake, ob.cfg_combine(cond, uncond, 4.0))
+    ref = ob.dmd_gradient(x, fake, flow.cfg_combine(cond, uncond, 4.0))
     assert torch.allclose(ob.decoupled_dmd_gradient(x, fake, cond, cond, uncond, 4.0), ref)
 
 
 def test_flow_matching_loss_hand_values():
     # target eps - x0 = [-1, 2]; err^2 = [4, 1]; mean 2.5
-    assert ob.flow_matching_loss(T([[1.0, 1.0]]), T([[1.0, 0.0]]), T([[0.0, 2.0]])).item() == 2.5
+    assert flow.flow_matching_loss(T([[1.0, 1.0]]), T([[1.0, 0.0]]), T([[0.0, 2.0]])).item() == 2.5
     v = T([[1.0, 1.0], [0.0, 0.0]])
     x0, eps = T([[1.0, 0.0], [0.0, 0.0]]), T([[0.0, 2.0], [0.0, 1.0]])
     # per-sample squared errors [4,1] and [0,1], weights [2, 0] -> (8 + 2 + 0 + 0) / 4
-    assert ob.flow_matching_loss(v, x0, eps, weight=T([2.0, 0.0])).item() == 2.5
+    assert flow.flow_matching_loss(v, x0, eps, weight=T([2.0, 0.0])).item() == 2.5
 
 
 def test_gan_losses_hand_values():
@@ -178,13 +179,13 @@ def test_gan_losses_hand_values():
 
 
 def test_sample_tau_range_and_determinism():
-    a = ob.sample_tau(torch.Generator().manual_seed(7), 1000, 0.02, 0.98)
-    b = ob.sample_tau(torch.Generator().manual_seed(7), 1000, 0.02, 0.98)
+    a = flow.sample_tau(torch.Generator().manual_seed(7), 1000, 0.02, 0.98)
+    b = flow.sample_tau(torch.Generator().manual_seed(7), 1000, 0.02, 0.98)
     assert a.shape == (1000,) and torch.equal(a, b)
     assert a.min() >= 0.02 and a.max() < 0.98
     assert abs(a.mean().item() - 0.5) < 0.05
     with pytest.raises(ValueError):
-        ob.sample_tau(torch.Generator(), 4, 0.5, 0.5)
+        flow.sample_tau(torch.Generator(), 4, 0.5, 0.5)
 
 
 def test_sample_student_step_covers_all_steps():
@@ -244,7 +245,7 @@ def test_stepwise_policy_uses_the_specialist_only_at_chosen_steps():
 
 
 def test_stepwise_policy_with_a_student_sigma_range_on_the_training_grid():
-    grid = [float(x) for x in schedules.student_sigmas(4, 3.0)[:4]]  # the levels training feeds: 1, .9, .75, .5
+    grid = [float(x) for x in flow.student_sigmas(4, 3.0)[:4]]  # the levels training feeds: 1, .9, .75, .5
     kw = dict(steps=(0, 1, 2, 3), student_sigma_range=(0.5, 0.8))
     assert [pick("stepwise", "edit", k, sigma=grid[k], **kw) for k in range(4)] == ["base", "base", "edit-teacher", "edit-teacher"]
     # inclusive bounds: .75 is the upper bound
@@ -259,7 +260,7 @@ def test_teacher_for_reads_a_guidance_spec():
     g = GuidanceSpec(policy="stepwise", base="base", specialised={"edit": "e"}, steps=[3])
     assert [guidance.teacher_for(g, "edit", k, 0.5) for k in range(4)] == ["base"] * 3 + ["e"]
     g = GuidanceSpec(policy="stepwise", specialised={"edit": "e"}, steps=[0, 1, 2, 3], student_sigma_range=(0.0, 0.8))
-    grid = schedules.student_sigmas(4, 3.0)
+    grid = flow.student_sigmas(4, 3.0)
     assert [guidance.teacher_for(g, "edit", k, float(grid[k])) for k in range(4)] == ["base", "base", "e", "e"]
 
 
@@ -291,7 +292,7 @@ def test_student_scheduler_reproduces_the_training_grid_under_the_pipeline(steps
     teacher = FlowMatchEulerDiscreteScheduler.from_config(QWEN_IMAGE_SCHEDULER)
     student = schedules.student_scheduler(teacher, shift)
     got = pipeline_sigmas(student, steps, image_seq_len)
-    assert torch.allclose(got, schedules.student_sigmas(steps, shift), atol=1e-6, rtol=0), got
+    assert torch.allclose(got, flow.student_sigmas(steps, shift), atol=1e-6, rtol=0), got
     # the teacher is untouched and keeps its own (dynamic, shift_terminal) schedule
     assert teacher.config.shift_terminal == 0.02 and teacher.config.use_dynamic_shifting
     if steps == 4 and shift == 3.0:

@@ -71,3 +71,69 @@ def test_evaluate_writes_images_results_and_a_table(tiny_world, tmp_path):
     assert again.returncode == 0
     for png in (out / "images" / "model").glob("*.png"):
         assert png.read_bytes() == (tmp_path / "eval2" / "images" / "model" / png.name).read_bytes()
+
+
+# --- timed sampling and the interleaved speed-up (in process, the shipped toy teacher) ----------
+
+
+@pytest.fixture(scope="module")
+def toy_adapter():
+    from flashctl.models.adapter import QwenImageAdapter
+    from flashctl.models.paths import resolve_model_path
+
+    return QwenImageAdapter.from_pretrained(resolve_model_path("builtin:base"))
+
+
+def _pixels(images):
+    import numpy as np
+
+    return np.stack([np.asarray(im, dtype=np.int16) for im in images])
+
+
+def test_timed_sampler_matches_the_adapter_with_duplicates_and_cached_negatives(toy_adapter):
+    from flashctl.evaluate import PromptCache, sample_batch
+    from flashctl.shapes import eval_set
+    from flashctl.shapes.render import from_png
+
+    a = toy_adapter
+    prompts = ["a red circle at the top left", "a blue square", "a red circle at the top left"]
+    cache = PromptCache()
+    for _ in range(2):  # the second call reuses the cached "" negative
+        images, timing = sample_batch(a, a.transformer, prompts, 32, 32, 3, cfg_scale=2.0, seed=5, cache=cache)
+        reference = a.sample(a.transformer, prompts, 32, 32, 3, cfg_scale=2.0, seed=5)
+        assert abs(_pixels(images) - _pixels(reference)).max() <= 1
+        assert 0 < timing.denoise_seconds < timing.seconds
+    # edits: the negative carries the source image; rows sharing prompt and source encode once
+    row = next(r for r in eval_set(0, 0, 4) if r["task"] == "edit")
+    src = [from_png(row["source_image"])] * 2
+    images, _ = sample_batch(a, a.transformer, [row["prompt"]] * 2, row["height"], row["width"], 2, cfg_scale=2.0,
+                             seed=1, source_images=src, source_keys=[row["source_image"]] * 2, cache=cache)
+    reference = a.sample(a.transformer, [row["prompt"]] * 2, row["height"], row["width"], 2, cfg_scale=2.0, seed=1,
+                         source_images=src)
+    assert abs(_pixels(images) - _pixels(reference)).max() <= 1
+
+
+def test_student_and_teacher_are_timed_interleaved_with_the_nfe_ratio(toy_adapter, tmp_path):
+    from flashctl.evaluate import ModelUnderTest, evaluate_models, sample_rows
+    from flashctl.shapes import eval_set
+
+    a = toy_adapter
+    rows = eval_set(0, 3, 0)  # T2I only: edits go through the same loop (covered above) at a higher cost
+    models = {"student": (a.transformer, ModelUnderTest("student", 2, 1.0)),
+              "teacher": (a.transformer, ModelUnderTest("teacher", 3, 2.0))}
+    res = evaluate_models(a, models, rows, tmp_path, seed=0, repeats=2)
+    m = res["metrics"]
+    assert res["timing"]["interleaved"] and res["timing"]["repeats"] == 2
+    assert m["eval/nfe_ratio"] == 3.0  # 3 steps x 2 (CFG) over 2 steps
+    for name in ("student", "teacher"):
+        assert 0 < m[f"eval/{name}/denoise_sec_per_image"] < m[f"eval/{name}/sec_per_image"]
+    assert m["eval/speedup"] == m["eval/teacher/sec_per_image"] / m["eval/student/sec_per_image"]
+    assert m["eval/speedup_denoise"] > 0
+    # interleaving changes the timing, never the images
+    alone, _ = sample_rows(a, a.transformer, rows, 3, 2.0, 0)
+    saved = {p.stem: p for p in (tmp_path / "images" / "teacher").glob("*.png")}
+    assert saved.keys() == alone.keys()
+    from PIL import Image
+
+    for rid, im in alone.items():
+        assert abs(_pixels([Image.open(saved[rid]).convert("RGB")]) - _pixels([im])).max() == 0

@@ -1,6 +1,6 @@
 """One DMD2 round for flow matching: student backward simulation, critic update, generator loss.
 
-Orchestration only: the tensor maths lives in `objectives.py` (pure functions), teacher choice
+Orchestration only: the tensor maths lives in `flashctl/flow.py` and `objectives.py` (pure functions), teacher choice
 in `guidance.py`, the task draw in `mixture.py`. Models are called through
 `Conditioning.velocity`, which knows how a Qwen-Image transformer wants its inputs (text
 embeddings, masks, and for edits the source latents concatenated along the sequence).
@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import torch
 
+from flashctl import flow
 from flashctl.distill import objectives as obj
 
 
@@ -48,7 +49,9 @@ class Conditioning:
         the result equals two separate passes up to float rounding (tested)."""
         b = x_t.shape[0]
         sigma = torch.as_tensor(sigma, device=x_t.device).reshape(-1).expand(b)
-        embeds, mask = pad_cat([self.embeds, self.neg_embeds], [self.mask, self.neg_mask])
+        from flashctl.models.adapter import cat_conditioning
+
+        embeds, mask = cat_conditioning([(self.embeds, self.mask), (self.neg_embeds, self.neg_mask)])
         src = None if self.source_latents is None else torch.cat([self.source_latents, self.source_latents])
         v = self.velocity_fn(model, torch.cat([x_t, x_t]), torch.cat([sigma, sigma]), embeds, mask,
                              self.height, self.width, src)
@@ -57,15 +60,6 @@ class Conditioning:
     @property
     def batch(self) -> int:
         return self.embeds.shape[0]
-
-
-def pad_cat(embeds: list[torch.Tensor], masks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Concatenate (B_i, L_i, D) embeddings and (B_i, L_i) masks along the batch, right-padding
-    each to the longest L with zeros (mask 0 = padding)."""
-    length = max(e.shape[1] for e in embeds)
-    out_e = [torch.nn.functional.pad(e, (0, 0, 0, length - e.shape[1])) for e in embeds]
-    out_m = [torch.nn.functional.pad(m, (0, length - m.shape[1])) for m in masks]
-    return torch.cat(out_e), torch.cat(out_m)
 
 
 @dataclass
@@ -105,12 +99,12 @@ def simulate_student(
         for i in range(k):
             s = sigmas[i].expand(b)
             v = cond.velocity(student, x, s)
-            x = obj.euler_step(x, v, sigmas[i], sigmas[i + 1])
+            x = flow.euler_step(x, v, sigmas[i], sigmas[i + 1])
     s = sigmas[k].expand(b)
     ctx = torch.enable_grad() if with_grad else torch.no_grad()
     with ctx:
         v = cond.velocity(student, x, s)
-        return obj.x0_from_velocity(x, s, v)
+        return flow.x0_from_velocity(x, s, v)
 
 
 def teacher_x0(teacher: Teacher, cond: Conditioning, x_tau: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
@@ -118,10 +112,10 @@ def teacher_x0(teacher: Teacher, cond: Conditioning, x_tau: torch.Tensor, tau: t
     with torch.no_grad():
         if teacher.cfg_scale != 1.0:
             v_c, v_u = cond.velocity_pair(teacher.model, x_tau, tau)
-            v = obj.cfg_combine(v_c, v_u, teacher.cfg_scale, teacher.cfg_rescale)
+            v = flow.cfg_combine(v_c, v_u, teacher.cfg_scale, teacher.cfg_rescale)
         else:
             v = cond.velocity(teacher.model, x_tau, tau)
-        return obj.x0_from_velocity(x_tau, tau, v)
+        return flow.x0_from_velocity(x_tau, tau, v)
 
 
 def critic_loss(critic: Any, cond: Conditioning, x0: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -129,9 +123,9 @@ def critic_loss(critic: Any, cond: Conditioning, x0: torch.Tensor, gen: torch.Ge
     b = x0.shape[0]
     t = torch.rand(b, generator=gen).to(x0)
     eps = torch.randn(x0.shape, generator=gen).to(x0)
-    x_t = obj.add_noise(x0.detach(), eps, t)
+    x_t = flow.add_noise(x0.detach(), eps, t)
     v = cond.velocity(critic, x_t, t)
-    return obj.flow_matching_loss(v, x0.detach(), eps)
+    return flow.flow_matching_loss(v, x0.detach(), eps)
 
 
 def generator_loss(
@@ -153,23 +147,23 @@ def generator_loss(
     `x`; decoupled-DMD re-noises its CFG-augmentation term only below it (see below)."""
     b = x.shape[0]
     tgen = tau_generator or gen
-    tau = obj.sample_tau(tgen, b, tau_min, tau_max).to(x)
+    tau = flow.sample_tau(tgen, b, tau_min, tau_max).to(x)
     eps = torch.randn(x.shape, generator=gen).to(x)
-    x_tau = obj.add_noise(x.detach(), eps, tau)
+    x_tau = flow.add_noise(x.detach(), eps, tau)
     with torch.no_grad():
-        fake = obj.x0_from_velocity(x_tau, tau, cond.velocity(critic, x_tau, tau))
+        fake = flow.x0_from_velocity(x_tau, tau, cond.velocity(critic, x_tau, tau))
     if objective == "decoupled-dmd":
         # Liu et al. (arXiv 2511.22677) recommend: distribution matching over the full range
         # (tau above), the CFG-augmentation term re-noised only at levels below the student's
         # current step, tau_ca ~ U[tau_min, min(tau_max, sigma_k)) -- the spear sharpens what
         # this step still has to decide, not what earlier steps fixed.
-        tau2 = obj.sample_tau(tgen, b, *obj.ca_tau_range(tau_min, tau_max, student_sigma)).to(x)
+        tau2 = flow.sample_tau(tgen, b, *obj.ca_tau_range(tau_min, tau_max, student_sigma)).to(x)
         eps2 = torch.randn(x.shape, generator=gen).to(x)
-        x_tau2 = obj.add_noise(x.detach(), eps2, tau2)
+        x_tau2 = flow.add_noise(x.detach(), eps2, tau2)
         with torch.no_grad():
-            real_c = obj.x0_from_velocity(x_tau, tau, cond.velocity(teacher.model, x_tau, tau))
+            real_c = flow.x0_from_velocity(x_tau, tau, cond.velocity(teacher.model, x_tau, tau))
             v_c2, v_u2 = cond.velocity_pair(teacher.model, x_tau2, tau2)
-            real_c2, real_u2 = obj.x0_from_velocity(x_tau2, tau2, v_c2), obj.x0_from_velocity(x_tau2, tau2, v_u2)
+            real_c2, real_u2 = flow.x0_from_velocity(x_tau2, tau2, v_c2), flow.x0_from_velocity(x_tau2, tau2, v_u2)
         grad = obj.decoupled_dmd_gradient(x.detach(), fake, real_c, real_c2, real_u2, teacher.cfg_scale)
         real = real_c
         extra = {"tau_ca_max": float(tau2.max())}

@@ -32,8 +32,8 @@ Device = Literal["cpu", "cuda"]
 # every rank), for reference: flashctl leaves the key out unless
 # `deepspeed.param_persistence_threshold` is set. At CPU scale every tensor of the tiny models
 # is below it, so their parameters stay whole (ZeRO-3 still partitions gradients and optimizer
-# state); 0 partitions every tensor, at the cost of ZeRO-3's per-sub-module gather/release hooks
-# (3-4x a round on CPU, bench/distill_step.py).
+# state); 0 partitions every tensor. ZeRO-3's per-sub-module hooks run either way: on CPU the two
+# cost about the same per round (bench/distill_step.py), and the embedded default sets 0.
 DEEPSPEED_PERSISTENCE_THRESHOLD = 100_000
 
 # Adam settings of DMD2 (Yin et al., 2024): AdamW, betas (0.9, 0.999), weight decay 0.01.

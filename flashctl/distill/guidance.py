@@ -5,7 +5,7 @@
   every sample of that task; the base teacher otherwise.
 * ``stepwise``: the base teacher anchors; the task's specialised teacher is used only when
   the student step k is in ``steps`` AND (if ``student_sigma_range`` is set) the student's
-  input level sigma_k (its training grid, `schedules.student_sigmas`) lies in [lo, hi]. To
+  input level sigma_k (its training grid, `flow.student_sigmas`) lies in [lo, hi]. To
   select by noise level alone, list every student step in ``steps``.
 
 The teacher is chosen per batch, before the re-noise level tau of the DM gradient is drawn

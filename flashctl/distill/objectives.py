@@ -1,13 +1,9 @@
 """DMD / DMD2 tensor maths for rectified-flow models, as pure functions.
 
-Flow convention (Qwen-Image, diffusers' FlowMatchEulerDiscreteScheduler):
+The flow-matching basics (noising, x0/velocity, Euler, CFG, sigma grids) are in `flashctl.flow`;
+this module holds what is specific to distribution matching.
 
-    x_t = (1 - t) * x0 + t * eps          t = sigma in [0, 1], t = 1 is pure noise
-    v   = eps - x0                        what the transformer predicts
-    x0  = x_t - t * v                     eps = x_t + (1 - t) * v
-
-Tensors are packed latents (B, seq, C) or any (B, ...) layout; a timestep is a Python float,
-a 0-d tensor or a per-sample tensor of shape (B,), broadcast over the trailing dimensions.
+The flow convention is written once, at the top of `flashctl/flow.py`.
 Nothing here touches a model, a file or a global: the trainer feeds predictions in and takes
 losses out, so every formula is unit-tested against hand-computed values.
 """
@@ -17,66 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-Time = float | torch.Tensor
-
-
-def expand_t(t: Time, like: torch.Tensor) -> torch.Tensor:
-    """A timestep as a tensor that broadcasts against `like` (B, ...): (B,) -> (B, 1, ..., 1)."""
-    t = torch.as_tensor(t, dtype=like.dtype, device=like.device)
-    if t.ndim == 0:
-        return t
-    if t.ndim != 1 or t.shape[0] != like.shape[0]:
-        raise ValueError(f"timestep of shape {tuple(t.shape)} does not match batch {like.shape[0]}")
-    return t.reshape(-1, *([1] * (like.ndim - 1)))
-
-
-def add_noise(x0: torch.Tensor, eps: torch.Tensor, t: Time) -> torch.Tensor:
-    """Noise clean latents to level t: (1 - t) x0 + t eps."""
-    t = expand_t(t, x0)
-    return (1 - t) * x0 + t * eps
-
-
-def velocity_target(x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """The flow-matching regression target v = eps - x0."""
-    return eps - x0
-
-
-def x0_from_velocity(x_t: torch.Tensor, t: Time, v: torch.Tensor) -> torch.Tensor:
-    """Clean-sample prediction from a velocity prediction: x0 = x_t - t v."""
-    return x_t - expand_t(t, x_t) * v
-
-
-def eps_from_velocity(x_t: torch.Tensor, t: Time, v: torch.Tensor) -> torch.Tensor:
-    """Noise prediction from a velocity prediction: eps = x_t + (1 - t) v."""
-    return x_t + (1 - expand_t(t, x_t)) * v
-
-
-def euler_step(x_t: torch.Tensor, v: torch.Tensor, sigma: Time, sigma_next: Time) -> torch.Tensor:
-    """One Euler step of the flow ODE from sigma to sigma_next: x + (sigma_next - sigma) v.
-
-    The same update as diffusers' FlowMatchEulerDiscreteScheduler.step (deterministic branch).
-    """
-    return x_t + (expand_t(sigma_next, x_t) - expand_t(sigma, x_t)) * v
-
-
-def cfg_combine(
-    cond: torch.Tensor, uncond: torch.Tensor, scale: float, rescale: float = 0.0, dim: int = -1
-) -> torch.Tensor:
-    """Classifier-free guidance uncond + scale (cond - uncond), optionally norm-rescaled.
-
-    `rescale` = 1 is QwenImagePipeline's true-CFG renormalisation: the combined prediction is
-    scaled so its norm along `dim` (the channel dim of packed latents) equals the conditional
-    prediction's; values in (0, 1) interpolate between the plain and the renormalised output.
-    """
-    if not 0.0 <= rescale <= 1.0:
-        raise ValueError(f"cfg rescale {rescale} must be in [0, 1]")
-    comb = uncond + scale * (cond - uncond)
-    if rescale == 0.0:
-        return comb
-    cond_norm = torch.linalg.vector_norm(cond, dim=dim, keepdim=True)
-    comb_norm = torch.linalg.vector_norm(comb, dim=dim, keepdim=True)
-    renormed = comb * (cond_norm / comb_norm.clamp_min(torch.finfo(comb.dtype).tiny))
-    return rescale * renormed + (1.0 - rescale) * comb
+from flashctl.flow import cfg_combine
 
 
 def _per_sample_mean_abs(x: torch.Tensor) -> torch.Tensor:
@@ -138,19 +75,6 @@ def decoupled_dmd_gradient(
     return (dm_weight * dm + ca_weight * ca) / weight
 
 
-def flow_matching_loss(
-    v_pred: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, weight: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Flow-matching MSE between a velocity prediction and eps - x0 (critic / teacher training).
-
-    `weight` (B,) optionally weights samples; the result is the mean over all elements.
-    """
-    err = (v_pred - velocity_target(x0, eps)) ** 2
-    if weight is not None:
-        err = err * expand_t(weight, err)
-    return err.mean()
-
-
 def gan_generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
     """Non-saturating generator loss: mean softplus(-D(fake)) = -log sigmoid(D(fake))."""
     return F.softplus(-fake_logits).mean()
@@ -174,9 +98,3 @@ def ca_tau_range(tau_min: float, tau_max: float, student_sigma: float) -> tuple[
     return tau_min, high
 
 
-def sample_tau(generator: torch.Generator, batch: int, tau_min: float, tau_max: float) -> torch.Tensor:
-    """Per-sample re-noise levels tau ~ U[tau_min, tau_max), shape (batch,), on the generator's device."""
-    if not 0.0 <= tau_min < tau_max <= 1.0:
-        raise ValueError(f"need 0 <= tau_min < tau_max <= 1, got {tau_min}, {tau_max}")
-    u = torch.rand(batch, generator=generator, device=generator.device)
-    return tau_min + (tau_max - tau_min) * u

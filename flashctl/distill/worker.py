@@ -41,7 +41,7 @@ class DistillJob:
         import flashctl.models.processor  # noqa: F401  (diffusers' loader finds the processor class)
         from flashctl.distill.dmd2 import Teacher
         from flashctl.distill.engine import ds_config, freeze, frozen_config, make_engine, make_frozen_engine
-        from flashctl.distill.schedules import student_sigmas
+        from flashctl.flow import student_sigmas
         from flashctl.models.adapter import QwenImageAdapter
         from flashctl.models.paths import resolve_model_path
         from flashctl.models.weights import build_transformer

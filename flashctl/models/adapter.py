@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from flashctl.distill import objectives as flow  # the one home of the flow-matching maths
+from flashctl import flow  # the one home of the flow-matching maths
 from flashctl.errors import UserError
 
 _FULL_AREA = 1024 * 1024  # the edit pipelines' hard-coded reference area
