@@ -37,8 +37,10 @@ from flashctl.shapes.scene import EDIT_TYPES
 from flashctl.system import environ
 from flashctl.track import (
     EVAL_IMAGES,
+    EVAL_NFE_RATIO,
     EVAL_RESULTS,
     EVAL_SPEEDUP,
+    EVAL_SPEEDUP_DENOISE,
     KIND_GRID,
     TAG_CELL,
     TAG_FACTORS,
@@ -88,6 +90,10 @@ COLUMNS: tuple[Column, ...] = (
     Column(eval_metric("retention", "edit"), "edit", "Retention vs teacher", "max", "ratio"),
     Column(per_model("nfe"), "NFE", "Cost", "min", "nfe"),
     Column(EVAL_SPEEDUP, "speed-up", "Cost", "max", "x"),
+    Column(EVAL_SPEEDUP_DENOISE, "denoise speed-up", "Cost", "max", "x"),
+    Column(EVAL_NFE_RATIO, "NFE ratio", "Cost", "max", "x"),
+    Column(per_model("diversity", "cell", "entropy"), "position entropy", "Diversity (open prompts)", "max", "ratio"),
+    Column(per_model("diversity", "colour", "entropy"), "colour entropy", "Diversity (open prompts)", "max", "ratio"),
     Column("train/time_s", "train time", "Cost", "min", "s"),
 )
 TRAIN_CURVES = ("train/loss_generator", "train/loss_critic")
@@ -328,7 +334,9 @@ def format_value(col: Column, v: float | None) -> str:
     return f"{v:g}"
 
 
-_TERMINAL_LABELS = {"background": "backgr.", "T2I": "T2I all", "edit": "edit all", "train time": "train"}
+_TERMINAL_LABELS = {"background": "backgr.", "T2I": "T2I all", "edit": "edit all", "train time": "train",
+                    "denoise speed-up": "denoise ×", "NFE ratio": "NFE ×", "position entropy": "H pos",
+                    "colour entropy": "H col"}
 
 
 def _short(col: Column) -> str:

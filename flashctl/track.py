@@ -65,7 +65,9 @@ def eval_metric(model: str | None, *what: str) -> str:
     return "/".join(["eval", *([model] if model else []), *what])
 
 
-EVAL_SPEEDUP = eval_metric(None, "speedup")  # teacher / student seconds per image
+EVAL_SPEEDUP = eval_metric(None, "speedup")  # teacher / student seconds per image, end to end
+EVAL_SPEEDUP_DENOISE = eval_metric(None, "speedup_denoise")  # the same, denoising loops alone
+EVAL_NFE_RATIO = eval_metric(None, "nfe_ratio")  # teacher / student network evaluations per image
 
 
 def hash_tag(tags: dict[str, str]) -> str:
