@@ -129,7 +129,8 @@ def schema(
         "Examples:\n\n"
         "  flashctl prepare-data experiments/tiny-cpu.yaml\n\n"
         "  flashctl prepare-data --source shapes --n 10000 --out data/shapes-10k --workers 2\n\n"
-        "  flashctl prepare-data --source jsonl --manifest my/prompts.jsonl --out data/mine --strict"
+        "  flashctl prepare-data --source jsonl --manifest my/prompts.jsonl --out data/mine --strict\n\n"
+        "  flashctl prepare-data experiments/qwen-image-flash.yaml --cache-embeddings"
     ),
 )
 @friendly
@@ -143,6 +144,10 @@ def prepare_data_cmd(
     workers: int = typer.Option(1, min=1, help="Worker processes."),
     strict: bool = typer.Option(False, help="Fail on the first bad row instead of rejecting it."),
     overwrite: bool = typer.Option(False, help="Replace an existing dataset in the output directory."),
+    cache_embeddings: bool = typer.Option(
+        False, "--cache-embeddings",
+        help="Also store each row's text embeddings and VAE latents, encoded with the spec's base teacher "
+             "(distill then trains with no text encoder or VAE loaded)."),
 ) -> None:
     """Shard prompt/edit data into Arrow files + manifest.json (counts, sha256, digest); bad rows go to rejects.jsonl."""
     extra = []
@@ -160,7 +165,13 @@ def prepare_data_cmd(
     from flashctl.data.prepare import prepare_data
 
     target = out_dir or spec.data.root
-    result = prepare_data(spec.data, target, workers=workers, strict=strict, overwrite=overwrite)
+    encoder = None
+    if cache_embeddings:
+        from flashctl.data.conditioning import ConditioningEncoder
+
+        encoder = ConditioningEncoder.from_spec(spec)
+    result = prepare_data(spec.data, target, workers=workers, strict=strict, overwrite=overwrite,
+                          conditioning=encoder)
     console.print(
         f"[green]ok[/green] {result.rows} rows in {result.shards} shards, {result.rejects} rejected, "
         f"digest {result.digest[:16]} -> {result.manifest}",

@@ -116,6 +116,10 @@ class DataSpec(_Model):
     """Image size (width, height) per aspect; sides must be divisible by 8 (VAE x patch)."""
     rows_per_shard: int = Field(2000, ge=1)
     """Rows per Arrow shard."""
+    cached_conditioning: bool | None = None
+    """Train `distill` from the text embeddings and VAE latents that `prepare-data
+    --cache-embeddings` stored with the shards, with no text encoder or VAE on the ranks.
+    null (default): when the dataset has a cache; true: require one; false: encode on the fly."""
 
     @field_validator("open_attributes")
     @classmethod
@@ -461,6 +465,10 @@ class EvalSpec(_Model):
     """Teacher sampling steps (with CFG each step costs two network evaluations)."""
     teacher_cfg: float = Field(4.0, ge=1.0)
     """Teacher CFG scale at evaluation."""
+    diversity_seeds: int = Field(4, ge=0)
+    """Diversity: eval rows whose prompt leaves attributes open (`data.open_attributes`) are
+    sampled this many more times (other seeds) per model, and how the images cover the open
+    attributes is reported (`shapes.diversity`); 0 = off. Costs K samplings of the open rows."""
     enabled: bool = True
     """Run the evaluation at the end of `distill`."""
 

@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from flashctl.data.manifest import Manifest, read_manifest
-from flashctl.data.schema import ASPECTS, row_from_arrow
+from flashctl.data.schema import ASPECTS, COLUMNS, IMAGE_COLUMNS, row_from_arrow
 from flashctl.errors import UserError
 from flashctl.spec import DataSpec
 
@@ -49,21 +49,30 @@ def to_tensor(images: list[np.ndarray]) -> torch.Tensor:
     return arr / 127.5 - 1.0
 
 
-class _Shards:
-    """Memory-mapped shard tables of a dataset, opened lazily (per process)."""
+def _open_table(path: Path) -> pa.Table:
+    # memory_map: buffers point into the file; only touched pages are read.
+    try:
+        return pa.ipc.open_stream(pa.memory_map(str(path))).read_all()
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise UserError(f"{path}: corrupt Arrow shard ({str(exc).splitlines()[0][:120]})") from None
 
-    def __init__(self, paths: list[Path], offsets: np.ndarray):
+
+class _Shards:
+    """Memory-mapped shard tables of a dataset, opened lazily (per process); with `cond_paths`
+    each row also gets its cached conditioning (the sidecar's row) under `cond`."""
+
+    def __init__(self, paths: list[Path], offsets: np.ndarray, cond_paths: list[Path] | None = None,
+                 columns: list[str] | None = None):
         self.paths = paths
         self.offsets = offsets
+        self.cond_paths = cond_paths
+        self.columns = columns
         self._tables: dict[int, pa.Table] = {}
+        self._cond: dict[int, pa.Table] = {}
 
     def table(self, i: int) -> pa.Table:
         if i not in self._tables:
-            # memory_map: buffers point into the file; only touched pages are read.
-            try:
-                self._tables[i] = pa.ipc.open_stream(pa.memory_map(str(self.paths[i]))).read_all()
-            except (pa.ArrowInvalid, OSError) as exc:
-                raise UserError(f"{self.paths[i]}: corrupt Arrow shard ({str(exc).splitlines()[0][:120]})") from None
+            self._tables[i] = _open_table(self.paths[i])
         return self._tables[i]
 
     def rows(self, indices: np.ndarray) -> list[dict[str, Any]]:
@@ -73,21 +82,36 @@ class _Shards:
         for s in np.unique(shard_of):
             sel = np.flatnonzero(shard_of == s)
             local = pa.array(indices[sel] - self.offsets[s])
-            for j, row in zip(sel, self.table(int(s)).take(local).to_pylist()):
+            table = self.table(int(s))
+            if self.columns is not None:
+                table = table.select(self.columns)
+            rows = table.take(local).to_pylist()
+            if self.cond_paths is not None:
+                if int(s) not in self._cond:
+                    self._cond[int(s)] = _open_table(self.cond_paths[int(s)])
+                for row, cond in zip(rows, self._cond[int(s)].take(local).to_pylist()):
+                    if cond["id"] != row["id"]:
+                        raise UserError(f"{self.cond_paths[int(s)]}: row {cond['id']!r} where the shard has "
+                                        f"{row['id']!r} (cache out of step with the shards)")
+                    row["cond"] = cond
+            for j, row in zip(sel, rows):
                 out[j] = row_from_arrow(row)
         return out  # type: ignore[return-value]
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"paths": self.paths, "offsets": self.offsets, "_tables": {}}
+        return {"paths": self.paths, "offsets": self.offsets, "cond_paths": self.cond_paths,
+                "columns": self.columns, "_tables": {}, "_cond": {}}
 
 
-def collate(rows: list[dict[str, Any]], return_rows: bool = False) -> dict[str, Any]:
+def collate(rows: list[dict[str, Any]], return_rows: bool = False, cond: dict[str, Any] | None = None) -> dict[str, Any]:
     """Decode rows of one aspect into a batch dict.
 
     Keys: ids, prompts, tasks, categories, aspects, edit_types (lists); width, height (ints);
     images (B,3,H,W float in [-1,1], zeros where a row has none) + has_image (bool B);
     source_images + has_source likewise when any row has a source image; rows (raw dicts)
-    when `return_rows`.
+    when `return_rows`. Rows read without their image columns (a loader over cached
+    conditioning) give no images. With `cond` (the manifest's conditioning section) and rows
+    that carry it: `cond` = `decode_conditioning(rows, cond)`.
     """
     width, height = rows[0]["width"], rows[0]["height"]
     if any((r["width"], r["height"]) != (width, height) for r in rows):
@@ -114,27 +138,58 @@ def collate(rows: list[dict[str, Any]], return_rows: bool = False) -> dict[str, 
         "width": width,
         "height": height,
     }
-    batch["images"], batch["has_image"] = images("image")
-    if any(r["source_image"] is not None for r in rows):
-        batch["source_images"], batch["has_source"] = images("source_image")
+    if "image" in rows[0]:
+        batch["images"], batch["has_image"] = images("image")
+        if any(r["source_image"] is not None for r in rows):
+            batch["source_images"], batch["has_source"] = images("source_image")
+    if cond is not None:
+        batch["cond"] = decode_conditioning(rows, cond)
     if return_rows:
         batch["rows"] = rows
     return batch
 
 
+def decode_conditioning(rows: list[dict[str, Any]], cond: dict[str, Any]) -> dict[str, Any]:
+    """The cached tensors of a batch's rows (see `flashctl.data.conditioning`), unpadded.
+
+    Keys: embeds (list of (L_i, D)); neg_embeds (list, edit rows; None for T2I); latents (list
+    of (seq, C) or None per row without an image); source_latents ((B, seq_src, C), edits, else
+    None); source_size ((height, width), edits, else None). Dtype: the cache's."""
+    from flashctl.data.conditioning import tensor_from
+
+    dtype, channels = cond["model"]["dtype"], int(cond["latent_channels"])
+    c = [r["cond"] for r in rows]
+    out: dict[str, Any] = {
+        "embeds": [tensor_from(x["embeds"], x["embeds_len"], dtype) for x in c],
+        "latents": [None if x["latents"] is None else tensor_from(x["latents"], -1, dtype, channels) for x in c],
+        "neg_embeds": None, "source_latents": None, "source_size": None,
+    }
+    if all(x["neg_embeds"] is not None for x in c):
+        import torch
+
+        out["neg_embeds"] = [tensor_from(x["neg_embeds"], x["neg_len"], dtype) for x in c]
+        out["source_latents"] = torch.stack([tensor_from(x["source_latents"], -1, dtype, channels) for x in c])
+        sizes = {(x["source_height"], x["source_width"]) for x in c}
+        if len(sizes) != 1:
+            raise ValueError(f"edit sources of one batch have different cached sizes {sorted(sizes)}")
+        out["source_size"] = sizes.pop()
+    return out
+
+
 class _EpochBatches(IterableDataset):
     """The batches (lists of global row indices) left in one rank's epoch, decoded."""
 
-    def __init__(self, shards: _Shards, batches: list[np.ndarray], return_rows: bool):
+    def __init__(self, shards: _Shards, batches: list[np.ndarray], return_rows: bool, cond: dict[str, Any] | None = None):
         self.shards = shards
         self.batches = batches
         self.return_rows = return_rows
+        self.cond = cond
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         mine = self.batches if info is None else self.batches[info.id :: info.num_workers]
         for indices in mine:
-            yield collate(self.shards.rows(indices), self.return_rows)
+            yield collate(self.shards.rows(indices), self.return_rows, self.cond)
 
 
 class ShardLoader:
@@ -144,7 +199,9 @@ class ShardLoader:
     all; 0 or absent = excluded) filter rows; `rank` / `world_size` shard batches across
     data-parallel ranks; `num_workers` decodes in DataLoader worker processes (same order);
     `return_rows` adds the raw rows (PNG bytes, scene JSON) to each batch; `verify` checks
-    the shard sha256s on open.
+    the shard sha256s on open. `conditioning` reads the dataset's cached conditioning
+    (`prepare-data --cache-embeddings`) into each batch's `cond` and skips decoding the
+    images (nothing then needs the pixels).
 
     `for batch in loader` yields the rest of the current epoch, then moves to the next epoch;
     `loader.batches()` runs forever. `state_dict()` / `load_state_dict()` save and restore
@@ -167,6 +224,7 @@ class ShardLoader:
         return_rows: bool = False,
         verify: bool = True,
         multiprocessing_context: str | None = None,
+        conditioning: bool = False,
     ):
         if batch_size < 1:
             raise UserError(f"batch_size {batch_size}: must be >= 1")
@@ -182,7 +240,14 @@ class ShardLoader:
         self.position = 0
         paths = self.manifest.shard_paths()
         offsets = np.cumsum([0] + [s.rows for s in self.manifest.shards])
-        self._shards = _Shards(paths, offsets)
+        self.conditioning = self.manifest.conditioning if conditioning else None
+        if conditioning and self.conditioning is None:
+            raise UserError(f"{self.manifest.root}: no cached conditioning (run `flashctl prepare-data SPEC --cache-embeddings`)")
+        cond_paths = columns = None
+        if self.conditioning is not None:
+            cond_paths = [self.manifest.root / f["file"] for f in self.conditioning["files"]]
+            columns = [c for c in COLUMNS if c not in IMAGE_COLUMNS] if not return_rows else None
+        self._shards = _Shards(paths, offsets, cond_paths, columns)
         self._by_aspect = self._index(task, categories, aspects)
         if not any(len(v) for v in self._by_aspect.values()):
             raise UserError(
@@ -240,7 +305,7 @@ class ShardLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         plan = self.epoch_batches(self.epoch)[self.position :]
         if plan:
-            dataset = _EpochBatches(self._shards, plan, self.return_rows)
+            dataset = _EpochBatches(self._shards, plan, self.return_rows, self.conditioning)
             if self.num_workers > 0:
                 it: Any = DataLoader(
                     dataset,

@@ -65,6 +65,9 @@ class Manifest:
     """Source description (shapes generator or JSONL manifests with their sha256)."""
     raw: dict[str, Any] = field(repr=False)
     """The whole JSON document."""
+    conditioning: dict[str, Any] | None = None
+    """The cached-conditioning section (`prepare-data --cache-embeddings`; see
+    `flashctl.data.conditioning`), checked against its files; None when there is no cache."""
 
     def shard_paths(self) -> list[Path]:
         """Absolute-or-relative paths of the shards (under `root`)."""
@@ -177,6 +180,11 @@ def read_manifest(root: str | Path, *, verify: bool = True) -> Manifest:
             actual = file_sha256(shard_path)
             if actual != s.sha256:
                 raise UserError(f"{shard_path}: sha256 {actual[:12]}... does not match the manifest ({s.sha256[:12]}...)")
+    conditioning = None
+    if doc.get("conditioning") is not None:
+        from flashctl.data.conditioning import check_section
+
+        conditioning = check_section(root, doc["conditioning"], [s.rows for s in shards], verify)
     return Manifest(
         root=root,
         rows=rows,
@@ -188,4 +196,5 @@ def read_manifest(root: str | Path, *, verify: bool = True) -> Manifest:
         data_spec=_field(doc, "data_spec", dict, path),
         source=_field(doc, "source", dict, path),
         raw=doc,
+        conditioning=conditioning,
     )

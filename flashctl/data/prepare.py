@@ -4,6 +4,8 @@ Layout of a prepared dataset directory::
 
     data-00000-of-00003.arrow ...   Arrow IPC stream shards (schema: flashctl.data.schema)
     rejects.jsonl                   input rows not written: file, line, id, reason
+    cond-00000-of-00003.arrow ...   with --cache-embeddings: text embeddings + VAE latents
+    negatives.safetensors           per row, and the T2I negative (flashctl.data.conditioning)
     manifest.json                   written last; see flashctl.data.manifest
 
 How it stays correct when interrupted: everything is written into ``out/.tmp-<pid>/`` first
@@ -16,7 +18,7 @@ Determinism: inputs are cut into fixed chunks (independent of `workers`), proces
 process pool and consumed in order; `ShardWriter` makes shard bytes depend only on the rows.
 Same spec and inputs => same shards => same digest.
 
-This module imports no torch.
+This module imports no torch (the conditioning encoder, when given, brings its own).
 """
 
 from __future__ import annotations
@@ -293,16 +295,22 @@ def _claim_staging(out: Path) -> Path:
     return staging
 
 
-def _publish(staging: Path, out: Path, names: list[str], shards: list[WrittenShard]) -> None:
-    """Move a complete dataset from `staging` into `out`, manifest last."""
+def _publish(staging: Path, out: Path, names: list[str], shards: list[WrittenShard], extra: list[str] = ()) -> None:
+    """Move a complete dataset from `staging` into `out`, manifest last (`extra`: further
+    files in `staging` to move, e.g. the conditioning sidecars)."""
+    from flashctl.data.conditioning import NEGATIVES_NAME
+
     old = out / MANIFEST_NAME
     if old.exists():
         old.unlink()  # from here on `out` holds no manifest until the new one lands
         fsync_dir(out)
     for shard, name in zip(shards, names):
         os.replace(shard.path, out / name)
-    for stale in out.glob("data-*-of-*.arrow"):
-        if stale.name not in names:
+    for name in extra:
+        os.replace(staging / name, out / name)
+    keep = set(names) | set(extra)
+    for stale in [*out.glob("data-*-of-*.arrow"), *out.glob("cond-*-of-*.arrow"), out / NEGATIVES_NAME]:
+        if stale.name not in keep and stale.exists():
             stale.unlink()
     os.replace(staging / REJECTS_NAME, out / REJECTS_NAME)
     fsync_dir(out)
@@ -321,9 +329,13 @@ def prepare_data(
     strict: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    conditioning: Any = None,
 ) -> PrepareResult:
     """Build the Arrow shards + manifest.json of `data` in directory `out`.
 
+    `conditioning` (a `data.conditioning.ConditioningEncoder`) also writes the cached text
+    embeddings and VAE latents of every row next to the shards (`--cache-embeddings`); the
+    shards themselves, and so the digest, are the same with or without it.
     `workers` > 1 generates/validates rows in a process pool (same bytes as 1 worker).
     Bad input rows go to `out/rejects.jsonl`; `strict` makes the first one a UserError.
     An existing dataset in `out` is refused unless `overwrite`, and is replaced only once the
@@ -341,12 +353,14 @@ def prepare_data(
     staging = _claim_staging(out)
     try:
         with signals_interrupt():  # SIGTERM: clean-up runs as for Ctrl-C
-            return _build(data, plan, out, staging, workers=workers, strict=strict, progress=progress)
+            return _build(data, plan, out, staging, workers=workers, strict=strict, progress=progress,
+                          conditioning=conditioning)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _build(data: DataSpec, plan: _Plan, out: Path, staging: Path, *, workers: int, strict: bool, progress: bool) -> PrepareResult:
+def _build(data: DataSpec, plan: _Plan, out: Path, staging: Path, *, workers: int, strict: bool, progress: bool,
+           conditioning: Any = None) -> PrepareResult:
     writer = ShardWriter(staging, data.rows_per_shard)
     counts = {name: Counter() for name in COUNTED}
     seen: dict[str, tuple[str, int]] = {}
@@ -406,6 +420,13 @@ def _build(data: DataSpec, plan: _Plan, out: Path, staging: Path, *, workers: in
         "data_spec": data.model_dump(mode="json"),
         "source": plan.source,
     }
+    extra: list[str] = []
+    if conditioning is not None:
+        from flashctl.data.conditioning import write_conditioning
+
+        section = write_conditioning(conditioning, staging, [s.path for s in shards], progress=progress)
+        manifest["conditioning"] = section
+        extra = [f["file"] for f in section["files"]] + [section["negatives"]["file"]]
     write_json_atomic(staging / MANIFEST_NAME, manifest)
-    _publish(staging, out, names, shards)
+    _publish(staging, out, names, shards, extra)
     return PrepareResult(out / MANIFEST_NAME, n_rows, n_rejects, n_filtered, len(shards), digest)

@@ -51,6 +51,9 @@ def check_inputs(spec: ExperimentSpec) -> None:
             resolve_model_path(spec.model.init_from)
         except UserError as exc:
             raise UserError(f"model.init_from: {exc}") from None
+    from flashctl.data.conditioning import cache_for_run
+
+    cache_for_run(spec)  # a conditioning cache made by another text encoder / VAE is refused here
 
 
 def prepare_run(spec: ExperimentSpec, fresh: bool = False, dry_run: bool = False,

@@ -85,7 +85,10 @@ def cap_edit_pipeline(pipe: Any, max_pixels: int) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
-def _load_components(path: str, dtype: torch.dtype, transformer: bool = True) -> dict[str, Any]:
+def _load_components(path: str, dtype: torch.dtype, transformer: bool = True, encoders: bool = True) -> dict[str, Any]:
+    """The pipeline's components; `transformer=False` / `encoders=False` leave out the transformer
+    / the text encoder and VAE (None), whose weights are then never read. Without the VAE its
+    config is still loaded (`vae_config`): the latent geometry depends on it."""
     from diffusers import DiffusionPipeline
 
     import flashctl.models.processor  # noqa: F401  (diffusers' loader finds the tiny processor class)
@@ -97,12 +100,23 @@ def _load_components(path: str, dtype: torch.dtype, transformer: bool = True) ->
         path = str(local.expanduser())
     try:
         skip = {} if transformer else {"transformer": None}  # the trainer builds its own, partitioned
+        if not encoders:  # training from cached conditioning (flashctl.data.conditioning)
+            skip.update(text_encoder=None, vae=None)
         pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype, use_safetensors=True, **skip)
+        vae_config = None
+        if not encoders:
+            from diffusers import AutoencoderKLQwenImage
+
+            vae_config = dict(AutoencoderKLQwenImage.load_config(path, subfolder="vae"))
     except (OSError, ValueError) as exc:  # missing folder / hub id, offline, bad model_index
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{path}: cannot load a diffusers pipeline ({first})") from None
     comps = dict(pipe.components)
+    if vae_config is not None:
+        comps["vae_config"] = vae_config
     needed = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")[0 if transformer else 1:]
+    if not encoders:
+        needed = tuple(k for k in needed if k not in ("vae", "text_encoder"))
     missing = [k for k in needed if comps.get(k) is None]
     if missing:
         raise UserError(f"{path}: pipeline lacks {', '.join(missing)} (need a Qwen-Image pipeline)")
@@ -137,6 +151,10 @@ class QwenImageAdapter:
     Attributes: `transformer` (the pipeline's own, e.g. the teacher), `vae`, `text_encoder`,
     `tokenizer`, `processor` (None for T2I-only pipelines), `scheduler` (its config defines the
     sampling schedule), `device`, `dtype`, `edit_max_pixels`.
+
+    `vae` and `text_encoder` are None when loaded with `encoders=False` (training from cached
+    conditioning); whatever then needs them (encoding, decoding, `components()`, `sample`)
+    loads them from `source` on first use, on the calling rank only, and says so on stderr.
     """
 
     def __init__(
@@ -147,8 +165,6 @@ class QwenImageAdapter:
         edit_max_pixels: int | None = 64 * 64,
         source: str = "<components>",
     ):
-        from diffusers import QwenImageEditPipeline, QwenImagePipeline
-
         self.device = torch.device(device)
         self.dtype = dtype
         self.edit_max_pixels = edit_max_pixels
@@ -156,13 +172,25 @@ class QwenImageAdapter:
         # None when the caller builds its transformers itself (the trainer: partitioned engines)
         self.transformer = (_to(components["transformer"], self.device, dtype)
                             if components.get("transformer") is not None else None)
-        self.vae = _to(components["vae"], self.device, dtype).eval().requires_grad_(False)
-        self.text_encoder = _to(components["text_encoder"], self.device, dtype).eval().requires_grad_(False)
+        self.vae = self.text_encoder = None
         self.tokenizer = components["tokenizer"]
         self.processor = components.get("processor")
         self.scheduler = components["scheduler"]
-        t2i = {k: components[k] for k in ("scheduler", "vae", "text_encoder", "tokenizer", "transformer")}
-        t2i["transformer"] = self.transformer
+        if components.get("vae") is not None and components.get("text_encoder") is not None:
+            self._set_encoders(components["vae"], components["text_encoder"])
+        else:
+            self._build_pipes()
+        vae_config = dict(self.vae.config) if self.vae is not None else components["vae_config"]
+        self._vae_config = vae_config
+        # the pipelines' rule (2 ** number of temporal downsamplings), from the config alone
+        self.vae_scale_factor: int = 2 ** len(vae_config["temperal_downsample"])
+        self.z_dim: int = vae_config["z_dim"]
+
+    def _build_pipes(self) -> None:
+        from diffusers import QwenImageEditPipeline, QwenImagePipeline
+
+        t2i = {"scheduler": self.scheduler, "vae": self.vae, "text_encoder": self.text_encoder,
+               "tokenizer": self.tokenizer, "transformer": self.transformer}
         # The pipelines are used as libraries of the official code (templates, encoding,
         # packing, pre/post-processing); their denoising loop is not run here.
         self.t2i_pipe = QwenImagePipeline(**t2i)
@@ -170,8 +198,28 @@ class QwenImageAdapter:
         for p in (self.t2i_pipe, self.edit_pipe):
             if p is not None:
                 p.set_progress_bar_config(disable=True)
-        self.vae_scale_factor: int = self.t2i_pipe.vae_scale_factor
-        self.z_dim: int = self.vae.config.z_dim
+
+    def _set_encoders(self, vae: torch.nn.Module, text_encoder: torch.nn.Module) -> None:
+        self.vae = _to(vae, self.device, self.dtype).eval().requires_grad_(False)
+        self.text_encoder = _to(text_encoder, self.device, self.dtype).eval().requires_grad_(False)
+        self._build_pipes()
+
+    @property
+    def has_encoders(self) -> bool:
+        """Whether the text encoder and VAE are loaded (False after `encoders=False` until first use)."""
+        return self.vae is not None and self.text_encoder is not None
+
+    def load_encoders(self) -> None:
+        """Load the text encoder and VAE from `source` if they are not loaded (see the class doc).
+
+        Lazy by design: a run trained from cached conditioning holds neither on its ranks; the
+        export (rank 0) and the evaluation load them only when they get there."""
+        if self.has_encoders:
+            return
+        print(f"flashctl: loading the text encoder and VAE of {self.source} (not held while training "
+              "from cached conditioning)", file=sys.stderr, flush=True)
+        comps = _load_components(self.source, self.dtype, transformer=False)
+        self._set_encoders(comps["vae"], comps["text_encoder"])
 
     @classmethod
     def from_pretrained(
@@ -181,17 +229,22 @@ class QwenImageAdapter:
         dtype: torch.dtype = torch.float32,
         edit_max_pixels: int | None = 64 * 64,
         transformer: bool = True,
+        encoders: bool = True,
     ) -> "QwenImageAdapter":
         """Load a diffusers Qwen-Image(-Edit) pipeline folder or hub id (safetensors weights).
 
         `transformer=False` skips the pipeline's transformer (`self.transformer` is None): the
         distillation worker builds student, critic and teachers partitioned from the files
-        instead, so that no rank ever holds an unpartitioned copy (design §5)."""
-        comps = _load_components(str(path), dtype, transformer=transformer)
+        instead, so that no rank ever holds an unpartitioned copy (design §5).
+        `encoders=False` skips the text encoder and VAE (None until `load_encoders`): the
+        worker trains from conditioning cached by `prepare-data --cache-embeddings`, and at
+        20B the ~7B text encoder does not belong on the training GPUs (design §5)."""
+        comps = _load_components(str(path), dtype, transformer=transformer, encoders=encoders)
         return cls(comps, device, dtype, edit_max_pixels, source=str(path))
 
     def components(self, transformer: torch.nn.Module | None = None) -> dict[str, Any]:
         """Pipeline components (with `transformer` swapped in when given)."""
+        self.load_encoders()
         comps = {
             "transformer": transformer if transformer is not None else self.transformer,
             "vae": self.vae,
@@ -235,6 +288,7 @@ class QwenImageAdapter:
         T2I prompts use the T2I template; with `source_images` the edit template and the
         (reference-sized) source image are encoded. "" is the unconditional prompt for CFG.
         Returns (embeds (B, L, D), mask (B, L) long; 0 marks padding)."""
+        self.load_encoders()
         prompts = list(prompts)
         if source_images is None:
             embeds, mask = self.t2i_pipe.encode_prompt(prompts, device=self.device)
@@ -267,8 +321,8 @@ class QwenImageAdapter:
 
     def _latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (1, self.z_dim, 1, 1, 1)
-        mean = torch.tensor(self.vae.config.latents_mean).view(shape).to(like.device, like.dtype)
-        std = torch.tensor(self.vae.config.latents_std).view(shape).to(like.device, like.dtype)
+        mean = torch.tensor(self._vae_config["latents_mean"]).view(shape).to(like.device, like.dtype)
+        std = torch.tensor(self._vae_config["latents_std"]).view(shape).to(like.device, like.dtype)
         return mean, std
 
     @torch.no_grad()
@@ -278,6 +332,7 @@ class QwenImageAdapter:
         `images`: PIL images of one size, or a tensor in [-1, 1] of shape (B, 3, H, W) or
         (B, 3, 1, H, W). The posterior mode is used (the edit pipeline's "argmax") and
         normalised with the VAE config's latents_mean / latents_std."""
+        self.load_encoders()
         if isinstance(images, torch.Tensor):
             x = images if images.dim() == 5 else images.unsqueeze(2)
         else:
@@ -301,6 +356,7 @@ class QwenImageAdapter:
     @torch.no_grad()
     def decode_latents(self, packed: torch.Tensor, height: int, width: int) -> list[Image.Image]:
         """Packed normalised latents -> PIL images (the pipelines' decode path)."""
+        self.load_encoders()
         latents = self.unpack(packed, height, width).to(self.vae.dtype)
         mean, std = self._latent_stats(latents)
         image = self.vae.decode(latents / (1.0 / std) + mean, return_dict=False)[0][:, :, 0]  # pipelines' order
