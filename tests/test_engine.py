@@ -288,3 +288,22 @@ def test_sigterm_checkpoint_and_resume_match_uninterrupted_run(uninterrupted, tm
     straight = load_file(str(uninterrupted / "final_params.safetensors"))
     for k in straight:
         assert torch.allclose(resumed[k], straight[k], rtol=0, atol=1e-6), k
+
+
+def test_a_run_never_compiles_the_comm_op_itself(tmp_path):
+    """Without a prebuilt shm op (an empty extension cache) the process group starts on gloo at
+    once and says so: no compile at run time, so no build that fails on a path with spaces and no
+    lock file a killed build leaves for every later run to wait on."""
+    import subprocess
+
+    cache = tmp_path / "no ops here"
+    code = ("from flashctl.distill.engine import init_distributed; import torch; info = init_distributed('cpu'); "
+            "t = torch.ones(3); torch.distributed.all_reduce(t); print('sum', t.tolist(), info.world_size)")
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(cache)}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "sum [1.0, 1.0, 1.0] 1" in proc.stdout
+    assert "CPU comm op is not built" in proc.stderr and "allreduce goes through gloo" in proc.stderr
+    assert not [p for p in cache.rglob("*") if p.is_file()]  # nothing was built, nothing locked

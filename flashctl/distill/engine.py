@@ -172,6 +172,12 @@ def init_distributed(device: Device) -> DistInfo:
     quiet_collective_warnings()
     import deepspeed
 
+    if device == "cpu":
+        from flashctl.distill.ops import shm_op_or_gloo
+
+        if not shm_op_or_gloo() and os.environ.get("RANK", "0") == "0":
+            print("distill: DeepSpeed's CPU comm op is not built (`python -m flashctl.distill.ops` builds it, "
+                  "`make setup` runs it); allreduce goes through gloo", file=sys.stderr, flush=True)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "cuda":
         torch.cuda.set_device(local_rank)
