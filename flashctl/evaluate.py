@@ -39,7 +39,44 @@ def eval_rows(spec: ExperimentSpec) -> list[dict[str, Any]]:
     from flashctl.shapes import eval_set
 
     sizes = {k: tuple(v) for k, v in spec.data.sizes.items()}
-    return eval_set(spec.eval.seed, spec.eval.n_t2i, spec.eval.n_edit, sizes=sizes)
+    return eval_set(spec.eval.seed, spec.eval.n_t2i, spec.eval.n_edit, sizes=sizes,
+                    open_attributes=spec.data.open_attributes, ref_edits=spec.data.ref_edits)
+
+
+class EvalStopped(Exception):
+    """A stop signal arrived during the evaluation: sampling stopped between two batches and
+    no results were written (re-running evaluates again)."""
+
+
+EVAL_BATCH = 16
+"""Rows per eval batch (one image size per batch); a batch's noise comes from its seed."""
+
+DIVERSITY_SEED_OFFSET = 1_000_003
+"""Noise seeds of the diversity samples start here above `eval.seed`, clear of the seeds of the
+accuracy batches (`seed + batch index`), so the K extra images are other draws than those."""
+
+
+def rank_batches(sizes: list[int], rank: int, world: int) -> list[int | None]:
+    """This rank's share of the eval batches (`sizes`: rows per batch, in global order): global
+    batch indices, ascending, padded with None so that every rank runs the same number of
+    batches. Batches are dealt largest first to the rank with the fewest rows so far (ties:
+    fewer batches, then lower rank), which balances rows, i.e. sampling compute, per rank.
+
+    Why padded: a forward pass of a ZeRO-3 partitioned model is a collective (every rank
+    gathers each layer), so all ranks must run the same forwards in the same order; a padding
+    batch runs the models on one row and its images are thrown away. The global index keeps
+    fixing a batch's noise seed, so the images do not depend on the number of ranks."""
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"rank {rank} of world {world}")
+    rows, count = [0] * world, [0] * world
+    mine: list[list[int]] = [[] for _ in range(world)]
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        r = min(range(world), key=lambda r: (rows[r], count[r], r))
+        rows[r] += sizes[i]
+        count[r] += 1
+        mine[r].append(i)
+    own: list[int | None] = sorted(mine[rank])
+    return own + [None] * (max(count) - len(own))
 
 
 def _groups(rows: list[dict[str, Any]], batch: int) -> list[list[dict[str, Any]]]:
@@ -189,8 +226,9 @@ def sample_rows(adapter, transformer, rows: list[dict[str, Any]], nfe: int, cfg:
 
 
 def sample_interleaved(adapter, models: dict[str, tuple[Any, "ModelUnderTest"]], rows: list[dict[str, Any]],
-                       seed: int, batch: int = 16, repeats: int = 1,
-                       on_batch: Callable[[str, int], None] | None = None) -> dict[str, dict[str, Any]]:
+                       seed: int, batch: int = EVAL_BATCH, repeats: int = 1,
+                       on_batch: Callable[[str, int], None] | None = None, rank: int = 0, world: int = 1,
+                       should_stop: Callable[[], bool] | None = None) -> dict[str, dict[str, Any]]:
     """Sample `rows` with every model, timing them interleaved: batch by batch, each model in
     turn (the order rotating from batch to batch), after one untimed warm-up batch per model.
 
@@ -198,40 +236,54 @@ def sample_interleaved(adapter, models: dict[str, tuple[Any, "ModelUnderTest"]],
     from 8.5x to 2.7x that way); interleaved, every pair of batches sees the same load and the
     same warm state. With `repeats` > 1 each (batch, model) is sampled that many times and the
     median time kept (images from the first). Returns {name: {"images", "seconds",
-    "denoise_seconds", "batches": [(seconds, denoise_seconds), ...]}} (seconds summed over
-    batches)."""
+    "denoise_seconds", "batches": [(seconds, denoise_seconds), ...], "batch_index": [global
+    batch index, ...]}} (seconds summed over batches).
+
+    Data-parallel with `world` > 1: this rank samples its batches (`rank_batches`, padded so
+    every rank runs the same forwards) and returns its rows only. `should_stop` (a collective
+    in a distributed job: called once per batch on every rank) is asked after each batch; when
+    it says so, `EvalStopped` is raised."""
     import statistics
 
     chunks = _groups(rows, batch)
     names = list(models)
-    out = {n: {"images": {}, "seconds": 0.0, "denoise_seconds": 0.0, "batches": []} for n in names}
+    out = {n: {"images": {}, "seconds": 0.0, "denoise_seconds": 0.0, "batches": [], "batch_index": []}
+           for n in names}
     cache = PromptCache()
-    inputs = [_batch_inputs(c) for c in chunks]
-    if chunks:  # warm-up: every code path of every model once (allocator, first-call costs)
-        _, w, h, prompts, sources, keys = inputs[0]
+    plan = rank_batches([len(c) for c in chunks], rank, world)
+    # a padding batch: one row of the smallest batch (it only has to run the same forwards)
+    pad = [chunks[min(range(len(chunks)), key=lambda c: len(chunks[c]))][0]] if chunks else []
+    if plan:  # warm-up: every code path of every model once (allocator, first-call costs)
+        _, w, h, prompts, sources, keys = _batch_inputs(chunks[plan[0]] if plan[0] is not None else pad)
         for n in names:
             transformer, mut = models[n]
             sample_batch(adapter, transformer, prompts, h, w, 1, mut.cfg, seed, sources, 0.0, mut.scheduler, keys,
                          cache)
-    for i, chunk in enumerate(chunks):
-        _, w, h, prompts, sources, keys = inputs[i]
-        k = i % len(names)
+    for j, i in enumerate(plan):
+        chunk = chunks[i] if i is not None else pad
+        _, w, h, prompts, sources, keys = _batch_inputs(chunk)
+        k = j % len(names)  # the order rotates with the local position: the same on every rank
         for n in names[k:] + names[:k]:
             transformer, mut = models[n]
             timings = []
             for r in range(max(1, repeats)):
-                imgs, t = sample_batch(adapter, transformer, prompts, h, w, mut.steps, mut.cfg, seed + i, sources,
-                                       0.0, mut.scheduler, keys, cache)
-                if r == 0:
+                imgs, t = sample_batch(adapter, transformer, prompts, h, w, mut.steps, mut.cfg,
+                                       seed + (i if i is not None else 0), sources, 0.0, mut.scheduler, keys, cache)
+                if r == 0 and i is not None:
                     out[n]["images"].update({row["id"]: im for row, im in zip(chunk, imgs)})
                 timings.append(t)
+            if i is None:
+                continue
             sec = statistics.median(t.seconds for t in timings)
             den = statistics.median(t.denoise_seconds for t in timings)
             out[n]["seconds"] += sec
             out[n]["denoise_seconds"] += den
             out[n]["batches"].append((sec, den))
+            out[n]["batch_index"].append(i)
             if on_batch:
                 on_batch(n, len(chunk))
+        if should_stop is not None and should_stop():
+            raise EvalStopped(f"stopped after {j + 1} of {len(plan)} eval batches")
     return out
 
 
@@ -293,19 +345,163 @@ def evaluate_models(
     seed: int,
     progress: Callable[[str, int, int], None] | None = None,
     repeats: int = 1,
-) -> dict[str, Any]:
+    *,
+    rank: int = 0,
+    world: int = 1,
+    should_stop: Callable[[], bool] | None = None,
+    diversity_seeds: int = 0,
+    gather: Callable[[Any], list[Any]] | None = None,
+    cached: dict[str, Path] | None = None,
+) -> dict[str, Any] | None:
     """Evaluate each (transformer, config) on `rows`; writes images + results.json in `out_dir`.
 
     The models are sampled interleaved, batch by batch (`sample_interleaved`), so their timings
     share the machine's state. Returns {"models": {name: {...summary, nfe, cfg, sec_per_image,
     denoise_sec_per_image}}, "metrics": {...}} including teacher-relative retention and the
     speed-ups (`speedup_metrics`) when `student` and `teacher` are present.
-    """
-    from flashctl.shapes import score
 
+    Data-parallel with `world` > 1 (call it on every rank of the process group): each rank
+    samples and verifies its batches (`rank_batches`) and writes their images; the verifier
+    results and timings are gathered (`gather`, default `all_gather_object`) and rank 0 scores,
+    writes results.json and returns the results (None on the other ranks). `sec_per_image` is
+    then the seconds of one device per image, summed over ranks. The images are those of one
+    process. `diversity_seeds` K > 0: rows with open attributes are also sampled K more times
+    (other seeds) per model, and `shapes.diversity` of those images is reported per model
+    (`summary["diversity"]`, metrics `eval/<model>/diversity/...`). `should_stop`: see
+    `sample_interleaved`; on `EvalStopped` nothing is written to results.json.
+
+    `cached`: {model name: cache folder} (e.g. `teacher_cache_dir`). A model whose folder is
+    complete is not sampled: its results, metrics and images are copied from there (its timing
+    then comes from the evaluation that stored it; `timing.cached` names it). Otherwise it is
+    sampled and stored there for the next evaluation with the same key.
+    """
     out_dir = Path(out_dir)
-    results: dict[str, Any] = {"models": {}, "metrics": {}, "rows": len(rows),
-                               "timing": {"interleaved": True, "repeats": max(1, repeats), "order": list(models)}}
+    gather_all = (gather or _all_gather) if world > 1 else (lambda obj: [obj])
+    cached = {n: Path(d) for n, d in (cached or {}).items() if n in models}
+    hits = sorted(n for n, d in cached.items() if (d / CACHE_RESULTS).is_file())
+    if cached and world > 1:  # rank 0's view: every rank must sample the same models
+        hits = gather_all(hits)[0]
+    sample = {n: m for n, m in models.items() if n not in hits}
+    part = (_evaluate_part(adapter, sample, rows, out_dir, seed, progress, repeats, rank, world, should_stop,
+                           diversity_seeds) if sample else {"rank": rank, "models": {}, "rows": 0, "batches": 0,
+                                                           "padding": 0})
+    parts = gather_all(part)
+    if rank != 0:
+        return None
+    results = merge_parts(parts, sample, rows, repeats, diversity_seeds)
+    for name in hits:
+        stored = load_cached(cached[name], out_dir / "images" / name)
+        results["models"][name] = stored["summary"]
+        results["metrics"].update(stored["metrics"])
+    results["models"] = {n: results["models"][n] for n in models}
+    results["timing"]["cached"] = list(hits)
+    results["metrics"].update(relative_metrics(results["metrics"]))
+    for name in cached.keys() - set(hits):
+        prefix = f"eval/{name}/"
+        store_cached(cached[name], results["models"][name],
+                     {k: v for k, v in results["metrics"].items() if k.startswith(prefix)}, out_dir / "images" / name)
+    atomic_write_json(out_dir / "results.json", results)
+    return results
+
+
+CACHE_RESULTS = "results.json"
+
+
+def teacher_cache_dir(spec: ExperimentSpec, teacher_path: str | Path, rows: list[dict[str, Any]]) -> Path:
+    """`<run.out_dir>/eval-cache/<key>`: where the evaluation of the spec's teacher (`teacher`:
+    `eval.teacher_nfe` steps with `eval.teacher_cfg`) is kept for every run and ablation cell
+    that shares it. Why: the 80-NFE teacher is the costly part of an evaluation and does not
+    depend on the student, so a grid evaluates it once.
+
+    The key covers what its images depend on: the teacher's files (path, sizes, mtimes), the
+    eval rows themselves (ids, prompts, scenes: `eval` and the data's open/ref settings),
+    steps, CFG, diversity seeds, precision, device and `model.edit_max_pixels`."""
+    import hashlib
+    import json
+
+    root = Path(teacher_path).resolve()
+    files = sorted((str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns)
+                   for f in root.rglob("*") if f.is_file() and not f.name.startswith("."))
+    e = spec.eval
+    ident = {
+        "version": 1, "teacher": str(root), "files": files,
+        "rows": [(r["id"], r["prompt"], r.get("scene"), r.get("source_scene")) for r in rows],
+        "steps": e.teacher_nfe, "cfg": e.teacher_cfg, "seed": e.seed, "diversity_seeds": e.diversity_seeds,
+        "precision": spec.deepspeed.precision, "device": spec.launch.device,
+        "edit_max_pixels": spec.model.edit_max_pixels,
+    }
+    key = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return Path(spec.run.out_dir) / "eval-cache" / f"teacher-{key}"
+
+
+def store_cached(folder: Path, summary: dict[str, Any], metrics: dict[str, float], images: Path) -> bool:
+    """Keep one model's evaluation (summary, its metrics, its images) in `folder`. Written beside
+    it and renamed into place, so a reader sees all or nothing; when another evaluation (a
+    concurrent cell) got there first its copy is kept and this one dropped. True if stored."""
+    import os
+    import shutil
+    import tempfile
+
+    folder = Path(folder)
+    if folder.exists():
+        return False
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        shutil.copytree(images, tmp / "images")
+        atomic_write_json(tmp / CACHE_RESULTS, {"summary": summary, "metrics": metrics})
+        tmp.chmod(0o755)
+        os.rename(tmp, folder)  # fails when `folder` appeared meanwhile: the first one stays
+        return True
+    except OSError:
+        return False
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_cached(folder: Path, images: Path) -> dict[str, Any]:
+    """{"summary", "metrics"} of a `store_cached` folder; its images are copied to `images`."""
+    import json
+    import shutil
+
+    shutil.copytree(Path(folder) / "images", images, dirs_exist_ok=True)
+    return json.loads((Path(folder) / CACHE_RESULTS).read_text())
+
+
+def relative_metrics(m: dict[str, float]) -> dict[str, float]:
+    """Student relative to teacher: retention per task (accuracy ratio) and the speed-ups."""
+    out: dict[str, float] = {}
+    for task, key in (("t2i", "t2i_acc"), ("edit", "edit_acc")):
+        s, t = m.get(f"eval/student/{key}"), m.get(f"eval/teacher/{key}")
+        if s is not None and t:
+            out[f"eval/retention/{task}"] = s / t
+    out.update(speedup_metrics(m))
+    return out
+
+
+def _all_gather(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order (a collective; small picklable objects only)."""
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def open_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows whose prompt leaves attributes open (the diversity rows)."""
+    from flashctl.shapes.diversity import open_distributions
+
+    return [r for r in rows if open_distributions(r)]
+
+
+def _evaluate_part(adapter, models, rows, out_dir: Path, seed: int, progress, repeats: int, rank: int, world: int,
+                   should_stop, diversity_seeds: int) -> dict[str, Any]:
+    """One rank's share of `evaluate_models`: sample, save the images, verify (plain data back)."""
+    from flashctl.shapes import verify_record
+
+    by_id = {r["id"]: r for r in rows}
     done = dict.fromkeys(models, 0)
 
     def tick(name: str, n: int) -> None:
@@ -313,29 +509,74 @@ def evaluate_models(
         if progress:
             progress(name, done[name], len(rows))
 
-    sampled = sample_interleaved(adapter, models, rows, seed, repeats=repeats, on_batch=tick)
-    for name, (_, cfg) in models.items():
+    sampled = sample_interleaved(adapter, models, rows, seed, repeats=repeats, on_batch=tick, rank=rank, world=world,
+                                 should_stop=should_stop)
+    div_rows = [{**r, "id": f"{r['id']}#{k}", "of": r["id"]} for r in open_rows(rows)
+                for k in range(diversity_seeds)] if diversity_seeds > 0 else []
+    div = (sample_interleaved(adapter, models, div_rows, seed + DIVERSITY_SEED_OFFSET, rank=rank, world=world,
+                              should_stop=should_stop) if div_rows else {})
+    div_by_id = {r["id"]: r for r in div_rows}
+    part: dict[str, Any] = {"rank": rank, "models": {}}
+    for name in models:
         images = sampled[name]["images"]
-        summary, per_row = score_images(rows, images)
-        t2i_rows = [r for r in per_row if r["task"] == "t2i"]
-        summary["by_category_t2i"] = score(t2i_rows)["by_category"] if t2i_rows else {}
         img_dir = out_dir / "images" / name
         img_dir.mkdir(parents=True, exist_ok=True)
         for rid, im in images.items():
             im.save(img_dir / f"{rid}.png")
+        per_row = {rid: {**verify_record(by_id[rid], im), "prompt": by_id[rid]["prompt"]} for rid, im in images.items()}
+        seen: dict[str, list[dict[str, Any]]] = {}
+        for did, im in (div[name]["images"].items() if div else ()):
+            row = div_by_id[did]
+            seen.setdefault(row["of"], []).append(verify_record(by_id[row["of"]], im))
+        s = sampled[name]
+        part["models"][name] = {"per_row": per_row, "seconds": s["seconds"], "denoise_seconds": s["denoise_seconds"],
+                                "batches": list(zip(s["batch_index"], s["batches"])), "diversity": seen}
+    chunks = _groups(rows, EVAL_BATCH)
+    plan = rank_batches([len(c) for c in chunks], rank, world)
+    part.update(rows=sum(len(chunks[i]) for i in plan if i is not None),
+                batches=sum(i is not None for i in plan), padding=sum(i is None for i in plan))
+    return part
+
+
+def merge_parts(parts: list[dict[str, Any]], models: dict[str, tuple[Any, ModelUnderTest]],
+                rows: list[dict[str, Any]], repeats: int = 1, diversity_seeds: int = 0) -> dict[str, Any]:
+    """The results of `evaluate_models` from every rank's part: per-row verifier results in the
+    eval set's order, accuracies, timings (seconds summed over ranks, per image), diversity."""
+    from flashctl.shapes import score
+    from flashctl.shapes.diversity import diversity
+    from flashctl.shapes.diversity import flat_metrics as diversity_metrics
+
+    results: dict[str, Any] = {"models": {}, "metrics": {}, "rows": len(rows),
+                               "timing": {"interleaved": True, "repeats": max(1, repeats), "order": list(models)},
+                               "world_size": len(parts),
+                               "ranks": [{k: p[k] for k in ("rank", "rows", "batches", "padding")} for p in parts]}
+    opened = open_rows(rows) if diversity_seeds > 0 else []
+    for name, (_, cfg) in models.items():
+        got = {rid: res for p in parts for rid, res in p["models"][name]["per_row"].items()}
+        missing = [r["id"] for r in rows if r["id"] not in got]
+        if missing:
+            raise RuntimeError(f"evaluation of {name}: no result for {len(missing)} rows (e.g. {missing[0]})")
+        per_row = [got[r["id"]] for r in rows]
+        summary = score(per_row)
+        t2i_rows = [r for r in per_row if r["task"] == "t2i"]
+        summary["by_category_t2i"] = score(t2i_rows)["by_category"] if t2i_rows else {}
         n = max(1, len(rows))
-        sec, den = sampled[name]["seconds"] / n, sampled[name]["denoise_seconds"] / n
+        sec = sum(p["models"][name]["seconds"] for p in parts) / n
+        den = sum(p["models"][name]["denoise_seconds"] for p in parts) / n
+        batches = [list(b) for _, b in sorted(b for p in parts for b in p["models"][name]["batches"])]
         summary.update(steps=cfg.steps, nfe=cfg.nfe, cfg=cfg.cfg, sec_per_image=sec, denoise_sec_per_image=den,
-                       batch_seconds=sampled[name]["batches"], per_row=per_row)
-        results["models"][name] = summary
+                       batch_seconds=batches, per_row=per_row)
         results["metrics"].update(flat_metrics(name, summary, cfg.nfe, sec, den))
-    m = results["metrics"]
-    for task, key in (("t2i", "t2i_acc"), ("edit", "edit_acc")):
-        s, t = m.get(f"eval/student/{key}"), m.get(f"eval/teacher/{key}")
-        if s is not None and t:
-            m[f"eval/retention/{task}"] = s / t
-    m.update(speedup_metrics(m))
-    atomic_write_json(out_dir / "results.json", results)
+        if opened:
+            seen: dict[str, list[dict[str, Any]]] = {}
+            for p in parts:
+                for rid, outs in p["models"][name]["diversity"].items():
+                    seen.setdefault(rid, []).extend(outs)
+            div = diversity(opened, seen)
+            summary["diversity"] = {**div, "seeds": diversity_seeds, "open_rows": len(opened)}
+            results["metrics"].update(diversity_metrics(name, div))
+        results["models"][name] = summary
+    results["metrics"].update(relative_metrics(results["metrics"]))
     return results
 
 

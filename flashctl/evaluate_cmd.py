@@ -27,7 +27,8 @@ def run_evaluate(spec: ExperimentSpec, model: str, nfe: int, cfg: float, out_dir
     with StepProgress(f"sampling {name} @ {nfe} NFE", len(rows), console, unit="rows") as prog:
         res = evaluate_models(adapter, {"model": (adapter.transformer, mut)},
                               rows, out_dir, spec.eval.seed,
-                              progress=lambda _n, done, total: prog.update(done))
+                              progress=lambda _n, done, total: prog.update(done),
+                              diversity_seeds=spec.eval.diversity_seeds)
     summary = res["models"]["model"]
     table = Table(title=f"{model} @ {nfe} steps, CFG {cfg:g} ({mut.nfe} NFE): verifier accuracy ({len(rows)} eval rows)")
     table.add_column("group")
@@ -39,6 +40,12 @@ def run_evaluate(spec: ExperimentSpec, model: str, nfe: int, cfg: float, out_dir
         table.add_row(f"t2i / {cat}", str(v["n"]), f"{v['accuracy']:.3f}")
     for et, v in summary["by_edit_type"].items():
         table.add_row(f"edit / {et}", str(v["n"]), f"{v['accuracy']:.3f}")
+    div = summary.get("diversity", {})
+    for kind in ("cell", "colour", "background"):  # shapes.diversity.KINDS
+        if kind in div:  # normalised entropy of the open attribute, beside i.i.d. draws from the data
+            d = div[kind]
+            table.add_row(f"diversity / {kind} (H, i.i.d. H)", str(d["prompts"]),
+                          f"{d['entropy']:.3f} ({d['entropy_ref']:.3f})")
     table.caption = (f"{summary['sec_per_image'] * 1000:.1f} ms per image end to end "
                      f"({summary['denoise_sec_per_image'] * 1000:.1f} ms denoising); images and results.json in {out_dir}")
     if track and spec.tracking.enabled:

@@ -1,8 +1,27 @@
-"""Image grids (PIL): sample sheets during training, qualitative grids in reports."""
+"""Images: PNG bytes to arrays and tensors (the data loader, the conditioning cache), and grids
+(PIL: sample sheets during training, qualitative grids in reports)."""
 
 from __future__ import annotations
 
+import io
+from typing import Any
+
+import numpy as np
 from PIL import Image
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    """PNG bytes -> uint8 array (H, W, 3)."""
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+def to_tensor(images: list[np.ndarray]) -> Any:
+    """uint8 (H, W, 3) arrays -> float tensor (B, 3, H, W) in [-1, 1]."""
+    import torch
+
+    arr = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()
+    return arr / 127.5 - 1.0
 
 
 def image_grid(images: list[Image.Image], cols: int, pad: int = 2, scale: int = 2,

@@ -13,8 +13,8 @@ Per-GPU memory under the spec's ZeRO stage for every model the distillation hold
   `ExperimentSpec.teachers_held()` names, which the worker loads.
 * the pipeline's text encoder and VAE, replicated in fp32 (the worker's adapter loads them at
   its default dtype, `ADAPTER_PRECISION`).
-* at the end of the run rank 0 evaluates with a whole student and a whole base teacher beside
-  the engines (until the evaluation runs data-parallel): a separate "at evaluation" total.
+* the end-of-run evaluation adds nothing: every rank samples its share of the eval rows with
+  the engines and teachers it already holds (no whole copy on any rank).
 * activations: an order of magnitude, from the transformer's width, depth, the micro-batch and
   the sequence length (image tokens + text tokens; edits add the source image's tokens).
 
@@ -508,9 +508,6 @@ class PlanResult:
     notes: list[str] = field(default_factory=list)
     gradient_checkpointing: bool = False
     """Whether the spec trains with activation checkpointing (`ExperimentSpec.gradient_checkpointing`)."""
-    eval_copies_gb: float = 0.0
-    """Whole models rank 0 adds for the end-of-run evaluation: the exported student, and the
-    base teacher when teachers are partitioned (`DistillJob.export`, `base_teacher_replica`)."""
 
     @property
     def world_size(self) -> int:
@@ -535,12 +532,6 @@ class PlanResult:
     @property
     def fits_ckpt(self) -> bool:
         return self.total_ckpt_gb <= self.gpu_memory_gb
-
-    @property
-    def eval_peak_gb(self) -> float:
-        """Rank 0 during the end-of-run evaluation: model states + the whole copies it samples
-        (no-grad activations are small and not counted)."""
-        return self.model_states_gb + self.eval_copies_gb + self.overhead_gb
 
 
 def _components(
@@ -645,16 +636,6 @@ def plan(spec: ExperimentSpec, teacher_placement: str | None = None) -> PlanResu
     if "text_encoder" in sizes:
         notes.append(f"text encoder and VAE are held in {ADAPTER_PRECISION} on every rank; the text encoder row "
                      "can be dropped if prompt embeddings are cached")
-    eval_copies = 0.0
-    if spec.eval.enabled:
-        bpp = _bytes_per_param(ds.precision)
-        eval_copies = bpp * sizes["transformer"].total
-        base = spec.guidance.base
-        if partition and base in teacher_sizes:
-            eval_copies += bpp * teacher_sizes[base].total
-        eval_copies /= GB
-        notes.append("rank 0 evaluates at the end with whole copies of the student"
-                     + (" and the base teacher" if partition else "") + " beside the engines ('at evaluation')")
     if launch.device == "cpu":
         notes.append("device cpu: 'per GPU' is one rank's share of host memory")
     return PlanResult(
@@ -672,7 +653,6 @@ def plan(spec: ExperimentSpec, teacher_placement: str | None = None) -> PlanResu
         offload_options=options,
         notes=notes,
         gradient_checkpointing=spec.gradient_checkpointing(),
-        eval_copies_gb=eval_copies,
     )
 
 
@@ -733,9 +713,6 @@ def render_plan(result: PlanResult) -> list[Any]:
                 "", "", "", _gb(r.total_gb), verdict(r.fits))
     mem.add_row("total, checkpointing" + (this if r.gradient_checkpointing else ""), "", "", "", "", "", "",
                 _gb(r.total_ckpt_gb), verdict(r.fits_ckpt))
-    if r.eval_copies_gb:
-        mem.add_row("at evaluation (rank 0)", "", "+ whole student/teacher", "", "", "", "", _gb(r.eval_peak_gb),
-                    verdict(r.eval_peak_gb <= r.gpu_memory_gb))
 
     off = Table(title=f"Offload options (per GPU, {unit})")
     for col in ("overrides", "model states", "total", "total (ckpt)", "CPU RAM / node", "fits", "fits (ckpt)"):

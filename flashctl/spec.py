@@ -469,6 +469,11 @@ class EvalSpec(_Model):
     """Diversity: eval rows whose prompt leaves attributes open (`data.open_attributes`) are
     sampled this many more times (other seeds) per model, and how the images cover the open
     attributes is reported (`shapes.diversity`); 0 = off. Costs K samplings of the open rows."""
+    reuse_teacher: bool = True
+    """Keep the teacher's evaluation (`teacher_nfe` steps + CFG) in `run.out_dir/eval-cache/`
+    and reuse it in every run or ablation cell with the same teacher files, eval rows, steps,
+    CFG, precision and device: a grid samples the costly teacher once (its timing is then the
+    first run's)."""
     enabled: bool = True
     """Run the evaluation at the end of `distill`."""
 

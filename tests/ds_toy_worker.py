@@ -25,10 +25,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     args = ap.parse_args()
 
+    from flashctl.distill.engine import init_distributed
+
+    init_distributed("cpu")  # gloo; DeepSpeed's shm op only if `make setup` built it
     import deepspeed
     import torch
 
-    deepspeed.init_distributed(dist_backend="gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))

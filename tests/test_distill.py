@@ -45,7 +45,10 @@ def test_bad_inputs_fail_before_launching(tiny_world, tmp_path, override, field)
 def test_two_rank_zero3_run_exports_a_diffusers_student(tiny_world, tmp_path):
     from diffusers import QwenImagePipeline
 
-    res = run_cli(["distill", SPEC, *tiny_world["spec_args"], f"run.out_dir={tmp_path}/runs", "run.name=e2e"], cwd=tmp_path)
+    # every eval T2I prompt leaves attributes open: diversity over 2 seeds per model
+    args = ["distill", SPEC, *tiny_world["spec_args"], f"run.out_dir={tmp_path}/runs", "run.name=e2e",
+            "data.open_attributes=1.0", "eval.diversity_seeds=2"]
+    res = run_cli(args, cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     run = tmp_path / "runs" / "e2e"
     ds = json.loads((run / "ds_config.json").read_text())
@@ -75,6 +78,18 @@ def test_two_rank_zero3_run_exports_a_diffusers_student(tiny_world, tmp_path):
         assert key in summary["eval"]
     # teacher: 3 steps with CFG = 6 network evaluations; student: 4 steps, no CFG
     assert summary["eval"]["eval/teacher/nfe"] == 6 and summary["eval"]["eval/student/nfe"] == 4
+    # the evaluation ran data-parallel: each rank sampled about half of the 6 eval rows
+    results = json.loads((run / "eval" / "results.json").read_text())
+    assert results["world_size"] == 2 and [r["rank"] for r in results["ranks"]] == [0, 1]
+    assert sum(r["rows"] for r in results["ranks"]) == 6 and all(2 <= r["rows"] <= 4 for r in results["ranks"])
+    assert len(list((run / "eval" / "images" / "student").glob("*.png"))) == 6
+    assert "eval rows per rank: 3, 3" in (run / "train.log").read_text()
+    for name in ("teacher", "teacher_fast", "student"):
+        div = results["models"][name]["diversity"]
+        assert div["seeds"] == 2 and div["images"] == 2 * div["open_rows"] > 0
+        assert f"eval/{name}/diversity/valid" in summary["eval"]
+    # the teacher's evaluation is kept for the other runs (ablation cells) of this out_dir
+    assert [p.name.startswith("teacher-") for p in (tmp_path / "runs" / "eval-cache").iterdir()] == [True]
 
     import mlflow
 
@@ -89,6 +104,27 @@ def test_two_rank_zero3_run_exports_a_diffusers_student(tiny_world, tmp_path):
     assert [m.step for m in history] == [1, 2, 3, 4]
     run_info = client.get_run(row["run_id"])
     assert run_info.inputs.dataset_inputs, "the dataset manifest digest is the run's input"
+    assert len(client.get_metric_history(row["run_id"], "eval/student/t2i_acc")) == 1
+
+    # a finished run is not redone: no export, no evaluation, nothing logged again
+    written = {p: p.stat().st_mtime_ns for p in (run / "eval" / "results.json", run / "summary.json", run / "student")}
+    logged = len((run / "train.log").read_text())
+    again = run_cli(args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    log = (run / "train.log").read_text()[logged:]  # what the workers printed this time
+    assert "nothing to do" in log and "evaluating" not in log and "exporting" not in log
+    assert {p: p.stat().st_mtime_ns for p in written} == written
+    # killed after the evaluation wrote its results but before the run was finished: the restart
+    # keeps the export and the results, logs them and finishes
+    (run / "summary.json").unlink()
+    logged = len((run / "train.log").read_text())
+    again = run_cli(args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    log = (run / "train.log").read_text()[logged:]
+    assert "evaluation not repeated" in log and "keeping" in log and "exporting" not in log
+    assert (run / "eval" / "results.json").stat().st_mtime_ns == written[run / "eval" / "results.json"]
+    assert (run / "student").stat().st_mtime_ns == written[run / "student"]
+    assert json.loads((run / "summary.json").read_text())["eval"] == summary["eval"]
 
 
 def _student_weights(run: Path) -> dict[str, torch.Tensor]:

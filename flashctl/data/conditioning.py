@@ -33,7 +33,6 @@ This module imports no torch at module level (`prepare-data` without the flag st
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,41 +40,8 @@ from typing import Any
 
 import pyarrow as pa
 
+from flashctl.data.schema import COND_SCHEMA, COND_VERSION, NEGATIVES_NAME
 from flashctl.errors import UserError
-
-NEGATIVES_NAME = "negatives.safetensors"
-COND_VERSION = 1
-"""Bumped when the sidecar layout or what is encoded changes."""
-
-_COND_COLUMNS: list[tuple[str, pa.DataType, bool, str]] = [
-    ("id", pa.string(), False, "Row id; equals the id of the same row of the shard (alignment check)."),
-    ("embeds", pa.binary(), False, "Prompt embedding (embeds_len, hidden) as raw bytes in the manifest's dtype; "
-                                   "edits: the edit template with the source image."),
-    ("embeds_len", pa.int32(), False, "Valid tokens of `embeds` (its mask is 1 for all of them)."),
-    ("neg_embeds", pa.binary(), True, "Edit rows: the CFG negative (\"\" with the source image), raw bytes; "
-                                      "null for T2I (its negative is the constant in negatives.safetensors)."),
-    ("neg_len", pa.int32(), True, "Valid tokens of `neg_embeds`; null for T2I."),
-    ("latents", pa.binary(), True, "Packed normalised VAE latents (seq, 4z) of the target image, raw bytes; "
-                                   "null when the row has no image."),
-    ("source_latents", pa.binary(), True, "Edit rows: packed latents (seq_src, 4z) of the source image at the "
-                                          "reference size; null for T2I."),
-    ("source_height", pa.int32(), True, "Edit rows: height in pixels of the source at the reference size."),
-    ("source_width", pa.int32(), True, "Edit rows: width in pixels of the source at the reference size."),
-]
-
-
-def _cond_hf_features() -> dict[str, Any]:
-    return {name: {"dtype": str(typ), "_type": "Value"} for name, typ, _, _ in _COND_COLUMNS}
-
-
-COND_SCHEMA: pa.Schema = pa.schema(
-    [pa.field(n, t, nullable=nl, metadata={"doc": d}) for n, t, nl, d in _COND_COLUMNS],
-    metadata={
-        "flashctl.conditioning_version": str(COND_VERSION),
-        "huggingface": json.dumps({"info": {"features": _cond_hf_features()}}),
-    },
-)
-"""Arrow schema of the conditioning sidecars."""
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 _SAMPLE = 1 << 20
@@ -195,7 +161,7 @@ class ConditioningEncoder:
         `batch_size` at a time; each record holds only its own row's valid tokens."""
         from PIL import Image
 
-        from flashctl.data.loader import decode_png, to_tensor
+        from flashctl.images import decode_png, to_tensor
 
         a = self.adapter
         out: list[dict[str, Any] | None] = [None] * len(rows)
@@ -290,44 +256,6 @@ def write_conditioning(encoder: ConditioningEncoder, staging: Path, shard_paths:
 
 # ------------------------------------------------------------------------------------------
 # Reading (manifest checks, distill)
-
-
-def check_section(root: Path, cond: Any, shard_rows: list[int], verify: bool) -> dict[str, Any]:
-    """Check a manifest's `conditioning` section against the files (called by `read_manifest`)."""
-    from flashctl.data.manifest import file_sha256
-
-    where = root / "manifest.json"
-    if not isinstance(cond, dict) or cond.get("version") != COND_VERSION:
-        raise UserError(f"{where}: conditioning cache of another version; re-run `flashctl prepare-data --cache-embeddings`")
-    try:
-        files = [(str(f["file"]), int(f["rows"]), str(f["sha256"]), int(f["bytes"])) for f in cond["files"]]
-        neg = (str(cond["negatives"]["file"]), str(cond["negatives"]["sha256"]))
-        model = cond["model"]
-        _ = (str(model["path"]), str(model["fingerprint"]), str(model["dtype"]))
-    except (KeyError, TypeError, ValueError):
-        raise UserError(f"{where}: conditioning needs files, negatives, model") from None
-    if [f[1] for f in files] != shard_rows:
-        raise UserError(f"{where}: conditioning files do not match the shards (rows per file)")
-    for name, _, digest, size in files + [(neg[0], 0, neg[1], None)]:
-        if Path(name).name != name or name in ("", ".", ".."):
-            raise UserError(f"{where}: conditioning file {name[:60]!r} must be a plain file name")
-        path = root / name
-        if not path.is_file():
-            raise UserError(f"{path}: conditioning file listed in {where} is missing")
-        if size is not None and path.stat().st_size != size:
-            raise UserError(f"{path}: {path.stat().st_size} bytes, manifest says {size} (corrupt or partial)")
-        if size is not None:  # a sidecar: an Arrow stream of this schema (cheap: the schema message)
-            try:
-                with pa.memory_map(str(path)) as src:
-                    schema = pa.ipc.open_stream(src).schema
-            except (pa.ArrowInvalid, OSError):
-                raise UserError(f"{path}: not an Arrow IPC stream") from None
-            if not schema.equals(COND_SCHEMA):
-                raise UserError(f"{path}: conditioning schema differs from this flashctl's; "
-                                "re-run `flashctl prepare-data --cache-embeddings`")
-        if verify and file_sha256(path) != digest:
-            raise UserError(f"{path}: sha256 does not match the manifest")
-    return cond
 
 
 def cache_for_run(spec: Any) -> dict[str, Any] | None:

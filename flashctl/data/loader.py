@@ -19,7 +19,6 @@ aspects are those of the prepared data (`prepare-data` applies the weights when 
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,21 +31,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from flashctl.data.manifest import Manifest, read_manifest
 from flashctl.data.schema import ASPECTS, COLUMNS, IMAGE_COLUMNS, row_from_arrow
 from flashctl.errors import UserError
+from flashctl.images import decode_png, to_tensor
 from flashctl.spec import DataSpec
-
-
-def decode_png(data: bytes) -> np.ndarray:
-    """PNG bytes -> uint8 array (H, W, 3)."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as img:
-        return np.asarray(img.convert("RGB"), dtype=np.uint8)
-
-
-def to_tensor(images: list[np.ndarray]) -> torch.Tensor:
-    """uint8 (H, W, 3) arrays -> float tensor (B, 3, H, W) in [-1, 1]."""
-    arr = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()
-    return arr / 127.5 - 1.0
 
 
 def _open_table(path: Path) -> pa.Table:

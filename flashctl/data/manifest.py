@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flashctl.data.schema import SCHEMA_VERSION
+import pyarrow as pa
+
+from flashctl.data.schema import COND_SCHEMA, COND_VERSION, SCHEMA_VERSION
 from flashctl.errors import UserError
 from flashctl.io import atomic_write_text
 from flashctl.yamlio import load_json_file
@@ -182,7 +184,6 @@ def read_manifest(root: str | Path, *, verify: bool = True) -> Manifest:
                 raise UserError(f"{shard_path}: sha256 {actual[:12]}... does not match the manifest ({s.sha256[:12]}...)")
     conditioning = None
     if doc.get("conditioning") is not None:
-        from flashctl.data.conditioning import check_section
 
         conditioning = check_section(root, doc["conditioning"], [s.rows for s in shards], verify)
     return Manifest(
@@ -198,3 +199,39 @@ def read_manifest(root: str | Path, *, verify: bool = True) -> Manifest:
         raw=doc,
         conditioning=conditioning,
     )
+
+
+def check_section(root: Path, cond: Any, shard_rows: list[int], verify: bool) -> dict[str, Any]:
+    """Check a manifest's `conditioning` section against the files (called by `read_manifest`)."""
+    where = root / "manifest.json"
+    if not isinstance(cond, dict) or cond.get("version") != COND_VERSION:
+        raise UserError(f"{where}: conditioning cache of another version; re-run `flashctl prepare-data --cache-embeddings`")
+    try:
+        files = [(str(f["file"]), int(f["rows"]), str(f["sha256"]), int(f["bytes"])) for f in cond["files"]]
+        neg = (str(cond["negatives"]["file"]), str(cond["negatives"]["sha256"]))
+        model = cond["model"]
+        _ = (str(model["path"]), str(model["fingerprint"]), str(model["dtype"]))
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"{where}: conditioning needs files, negatives, model") from None
+    if [f[1] for f in files] != shard_rows:
+        raise UserError(f"{where}: conditioning files do not match the shards (rows per file)")
+    for name, _, digest, size in files + [(neg[0], 0, neg[1], None)]:
+        if Path(name).name != name or name in ("", ".", ".."):
+            raise UserError(f"{where}: conditioning file {name[:60]!r} must be a plain file name")
+        path = root / name
+        if not path.is_file():
+            raise UserError(f"{path}: conditioning file listed in {where} is missing")
+        if size is not None and path.stat().st_size != size:
+            raise UserError(f"{path}: {path.stat().st_size} bytes, manifest says {size} (corrupt or partial)")
+        if size is not None:  # a sidecar: an Arrow stream of this schema (cheap: the schema message)
+            try:
+                with pa.memory_map(str(path)) as src:
+                    schema = pa.ipc.open_stream(src).schema
+            except (pa.ArrowInvalid, OSError):
+                raise UserError(f"{path}: not an Arrow IPC stream") from None
+            if not schema.equals(COND_SCHEMA):
+                raise UserError(f"{path}: conditioning schema differs from this flashctl's; "
+                                "re-run `flashctl prepare-data --cache-embeddings`")
+        if verify and file_sha256(path) != digest:
+            raise UserError(f"{path}: sha256 does not match the manifest")
+    return cond

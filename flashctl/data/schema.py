@@ -108,3 +108,40 @@ def row_from_arrow(row: dict[str, Any]) -> dict[str, Any]:
         if isinstance(value, dict):
             row[k] = value.get("bytes")
     return row
+
+
+# --------------------------------------------------------------------- conditioning sidecars
+
+NEGATIVES_NAME = "negatives.safetensors"
+COND_VERSION = 1
+"""Bumped when the sidecar layout or what is encoded changes."""
+
+_COND_COLUMNS: list[tuple[str, pa.DataType, bool, str]] = [
+    ("id", pa.string(), False, "Row id; equals the id of the same row of the shard (alignment check)."),
+    ("embeds", pa.binary(), False, "Prompt embedding (embeds_len, hidden) as raw bytes in the manifest's dtype; "
+                                   "edits: the edit template with the source image."),
+    ("embeds_len", pa.int32(), False, "Valid tokens of `embeds` (its mask is 1 for all of them)."),
+    ("neg_embeds", pa.binary(), True, "Edit rows: the CFG negative (\"\" with the source image), raw bytes; "
+                                      "null for T2I (its negative is the constant in negatives.safetensors)."),
+    ("neg_len", pa.int32(), True, "Valid tokens of `neg_embeds`; null for T2I."),
+    ("latents", pa.binary(), True, "Packed normalised VAE latents (seq, 4z) of the target image, raw bytes; "
+                                   "null when the row has no image."),
+    ("source_latents", pa.binary(), True, "Edit rows: packed latents (seq_src, 4z) of the source image at the "
+                                          "reference size; null for T2I."),
+    ("source_height", pa.int32(), True, "Edit rows: height in pixels of the source at the reference size."),
+    ("source_width", pa.int32(), True, "Edit rows: width in pixels of the source at the reference size."),
+]
+
+
+def _cond_hf_features() -> dict[str, Any]:
+    return {name: {"dtype": str(typ), "_type": "Value"} for name, typ, _, _ in _COND_COLUMNS}
+
+
+COND_SCHEMA: pa.Schema = pa.schema(
+    [pa.field(n, t, nullable=nl, metadata={"doc": d}) for n, t, nl, d in _COND_COLUMNS],
+    metadata={
+        "flashctl.conditioning_version": str(COND_VERSION),
+        "huggingface": json.dumps({"info": {"features": _cond_hf_features()}}),
+    },
+)
+"""Arrow schema of the conditioning sidecars."""

@@ -52,7 +52,12 @@ class DistillJob:
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[spec.deepspeed.precision]
         g = spec.guidance
         base_path = resolve_model_path(spec.teachers[g.base].path)
+        from flashctl.data.conditioning import cache_for_run
+
+        # cached conditioning (prepare-data --cache-embeddings): no text encoder or VAE on the ranks
+        self.cache = cache_for_run(spec)
         self.adapter = QwenImageAdapter.from_pretrained(base_path, device=self.device, transformer=False,
+                                                        encoders=self.cache is None,
                                                         edit_max_pixels=spec.model.edit_max_pixels)
         zero3 = spec.deepspeed.zero_stage == 3
         if partition_teachers is None:
@@ -99,7 +104,8 @@ class DistillJob:
             d = self.spec.data
             loader = ShardLoader(d.root, batch_size=self.spec.distill.batch_size, task=task,
                                  categories=dict(d.categories), aspects=dict(d.aspects), rank=self.rank,
-                                 world_size=self.world, seed=self.spec.distill.seed, verify=False)
+                                 world_size=self.world, seed=self.spec.distill.seed, verify=False,
+                                 conditioning=self.cache is not None)
             self._loaders[task] = (loader, loader.batches())
         return self._loaders[task]
 
@@ -112,18 +118,21 @@ class DistillJob:
         _, it = self.loader(task)
         batch = next(it)
         h, w = batch["height"], batch["width"]
-        sources = batch_images(batch, "source_images") if task == "edit" else None
-        embeds, mask = self.adapter.encode_prompts(batch["prompts"], sources)
-        if sources is None:  # T2I's CFG negative ("") is one constant: encoded once per job, not per micro-step
-            from flashctl.evaluate import PromptCache
+        if self.cache is not None:
+            embeds, mask, neg, neg_mask, src, src_size = self._cached(batch)
+        else:
+            sources = batch_images(batch, "source_images") if task == "edit" else None
+            embeds, mask = self.adapter.encode_prompts(batch["prompts"], sources)
+            if sources is None:  # T2I's CFG negative ("") is one constant: encoded once per job, not per micro-step
+                from flashctl.evaluate import PromptCache
 
-            neg, neg_mask = self.__dict__.setdefault("_negatives", PromptCache()).negative(self.adapter, "",
-                                                                                          len(batch["prompts"]))
-        else:  # an edit's negative carries its source image
-            neg, neg_mask = self.adapter.encode_prompts([""] * len(batch["prompts"]), sources)
-        src = src_size = None
-        if sources is not None:
-            src, src_size = self.adapter.encode_sources(sources)
+                neg, neg_mask = self.__dict__.setdefault("_negatives", PromptCache()).negative(self.adapter, "",
+                                                                                              len(batch["prompts"]))
+            else:  # an edit's negative carries its source image
+                neg, neg_mask = self.adapter.encode_prompts([""] * len(batch["prompts"]), sources)
+            src = src_size = None
+            if sources is not None:
+                src, src_size = self.adapter.encode_sources(sources)
         f = self.adapter.vae_scale_factor * 2
         seq, ch = (h // f) * (w // f), 4 * self.adapter.z_dim
         adapter = self.adapter
@@ -134,6 +143,33 @@ class DistillJob:
 
         return Conditioning(task=task, embeds=embeds, mask=mask, neg_embeds=neg, neg_mask=neg_mask,
                             height=h, width=w, source_latents=src, latent_shape=(seq, ch), velocity_fn=velocity)
+
+    def _cached(self, batch):
+        """(embeds, mask, neg, neg_mask, source latents, source size) of a batch from the cache:
+        the rows' stored tokens padded to one length (`cat_conditioning`, as the pipelines pad a
+        batch), in the adapter's dtype on this rank's device; the T2I negative stored once."""
+        import torch
+
+        from flashctl.data.conditioning import load_negatives
+        from flashctl.models.adapter import cat_conditioning
+
+        c, dev, dt = batch["cond"], self.device, self.adapter.dtype
+
+        def padded(items):
+            e, m = cat_conditioning([(x[None], torch.ones(1, x.shape[0], dtype=torch.long)) for x in items])
+            return e.to(dev, dt), m.to(dev)
+
+        embeds, mask = padded(c["embeds"])
+        if c["neg_embeds"] is None:  # T2I: the constant negative, encoded once by prepare-data
+            if "_cached_negative" not in self.__dict__:
+                e, m = load_negatives(Path(self.cache["root"]), self.cache)
+                self._cached_negative = (e.to(dev, dt), m.to(dev))
+            e, m = self._cached_negative
+            neg, neg_mask = e.expand(len(c["embeds"]), *e.shape[1:]), m.expand(len(c["embeds"]), *m.shape[1:])
+        else:
+            neg, neg_mask = padded(c["neg_embeds"])
+        src = c["source_latents"].to(dev, dt) if c["source_latents"] is not None else None
+        return embeds, mask, neg, neg_mask, src, c["source_size"]
 
     # ---------------------------------------------------------------------------- training
     def teacher_for(self, task: str, student_step: int):
@@ -250,12 +286,12 @@ class DistillJob:
         The student is gathered one submodule at a time and rank 0 streams each tensor, in the
         training dtype, into sharded safetensors (`models.weights.write_transformer`): beyond its
         partition no rank holds more than one submodule. The pipeline's scheduler is the
-        student's own. Returns, on rank 0 when the evaluation is enabled, the exported student
-        loaded back as a plain model on this rank's device (what the evaluation samples); None
-        otherwise."""
+        student's own. The folder is moved into place complete (`save_components`), so its
+        presence means a finished export. Returns the folder. The evaluation samples the
+        student engine itself on every rank (`_evaluate`), not a loaded-back copy."""
         from flashctl.distill.engine import barrier
         from flashctl.models.export import save_components
-        from flashctl.models.weights import DEFAULT_SHARD_BYTES, build_transformer, write_transformer
+        from flashctl.models.weights import DEFAULT_SHARD_BYTES, write_transformer
 
         module = self.student.module
         shard = max_shard_bytes or DEFAULT_SHARD_BYTES
@@ -267,37 +303,14 @@ class DistillJob:
         else:
             write_transformer(module, None, self.dtype, shard)
         barrier()
-        if self.rank != 0 or not self.spec.eval.enabled:
-            return None
-        return build_transformer(str(out), self.dtype, self.device).eval().requires_grad_(False)
+        return out
 
     def base_teacher_replica(self):
-        """The base teacher as a plain model on this rank (the evaluation samples it on rank 0):
-        the frozen replica itself, or, when teachers are partitioned, a copy read from its files
-        in the training dtype (until the evaluation runs data-parallel, issue 10 item 6)."""
-        from flashctl.models.weights import build_transformer
-
-        teacher = self.teachers[self.spec.guidance.base].model
-        if not self.partition_teachers:
-            return teacher
-        path = self.teacher_paths[self.spec.guidance.base]
-        return build_transformer(path, self.dtype, self.device).eval().requires_grad_(False)
-
-
-def _announce_op_build(spec) -> None:
-    """Say so (rank 0) when DeepSpeed is about to JIT-compile its CPU comm op (~1 min, first run only)."""
-    if spec.launch.device != "cpu" or os.environ.get("RANK", "0") != "0":
-        return
-    from flashctl.distill.ops import op_is_built
-    from flashctl.progress import announce
-
-    try:
-        built = op_is_built()
-    except Exception:  # noqa: BLE001 -- cannot tell; DeepSpeed decides
-        return
-    if not built:
-        announce("compiling DeepSpeed's CPU comm op (first run only, about a minute; "
-                 "`make setup` does it ahead)")
+        """The base teacher as this rank holds it, for the data-parallel evaluation: the frozen
+        replica, or, when teachers are partitioned, its ZeRO-3 inference engine (its forwards
+        are collectives; `evaluate.rank_batches` keeps every rank running the same ones). No
+        whole copy is built."""
+        return self.teachers[self.spec.guidance.base].model
 
 
 def _norm(engine) -> float:
@@ -319,7 +332,11 @@ def run(run_dir: Path) -> int:
     from flashctl.track import NullTracker, make_tracker
 
     spec = load_spec(run_dir / "spec.resolved.yaml")
-    _announce_op_build(spec)
+    # trained, exported and evaluated: nothing to redo. Decided before joining the process group
+    # (summary.json is written once, at the very end, in the shared run directory)
+    if _finished(run_dir, spec):
+        announce(f"{run_dir} is finished (summary.json): nothing to do", os.environ.get("RANK", "0") == "0")
+        return 0
     info = init_distributed(spec.launch.device)
     quiet_collective_warnings()
     torch.manual_seed(spec.distill.seed)
@@ -371,44 +388,130 @@ def run(run_dir: Path) -> int:
     if start < spec.distill.steps:
         with Phase("saving the final checkpoint", enabled=info.rank == 0):
             job.save(spec.distill.steps)
-    with Phase("exporting the student (gather + diffusers folder)", enabled=info.rank == 0):
-        student = job.export()
-    if info.rank == 0:
-        train_time = time.perf_counter() - t0
+    student_dir = run_dir / "student"
+    # the export is moved into place complete: after a requeue at the end, it is not redone
+    if _rank0_says(start < spec.distill.steps or not student_dir.is_dir()):
+        with Phase("exporting the student (gather + diffusers folder)", enabled=info.rank == 0):
+            job.export()
+    else:
+        announce(f"the student was exported before this restart: keeping {student_dir}", info.rank == 0)
+    train_time = time.perf_counter() - t0
+    if info.rank == 0 and steps_done:
         tracker.log_metrics({"train/time_s": train_time}, spec.distill.steps)
+    eval_metrics = None
+    if spec.eval.enabled:
+        from flashctl.evaluate import EvalStopped
+
+        try:
+            eval_metrics = _evaluate(job, tracker, stop)
+        except EvalStopped as exc:
+            announce(f"stop signal during the evaluation ({exc}); no results written, re-run to evaluate",
+                     info.rank == 0)
+            tracker.set_tags({"status": "stopped", "stopped_at": "eval"})
+            tracker.finish("KILLED")
+            return EXIT_STOPPED
+    if info.rank == 0:
         summary = {"steps": spec.distill.steps, "resumed_from": start, "train_time_s": train_time,
-                   "last_metrics": last, "student": str(run_dir / "student")}
-        if spec.eval.enabled:
-            with Phase("evaluating student vs teacher"):
-                summary["eval"] = _evaluate(job, student, tracker)
-        atomic_write_json(run_dir / "summary.json", summary)
+                   "last_metrics": last, "student": str(student_dir)}
+        if eval_metrics is not None:
+            summary["eval"] = eval_metrics
+        atomic_write_json(run_dir / "summary.json", summary)  # last: the run is finished
         tracker.set_tags({"status": "finished"})
         tracker.finish("FINISHED")
     return 0
 
 
-def _evaluate(job: DistillJob, student, tracker) -> dict[str, float]:
-    from rich.console import Console
+def _finished(run_dir: Path, spec) -> bool:
+    """Whether `run_dir` holds a finished run of `spec`: summary.json (written last, after the
+    export and after the eval metrics were logged) for every step, with the evaluation when it
+    is enabled. A re-run of such a run has nothing left to do."""
+    import json
 
-    from flashctl.evaluate import default_models, eval_rows, evaluate_models
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (summary.get("steps") == spec.distill.steps and (run_dir / "student").is_dir()
+            and (not spec.eval.enabled or "eval" in summary))
+
+
+def _rank0_says(flag: bool) -> bool:
+    """Rank 0's `flag` on every rank (a collective): decisions that choose collectives, such as
+    skipping the export, must be the same on all ranks even if their file views differ."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    box = [bool(flag)]
+    dist.broadcast_object_list(box, src=0)
+    return bool(box[0])
+
+
+def _previous_results(path: Path, rows: list[dict[str, Any]], models: dict[str, Any], diversity: bool):
+    """This run's eval results.json when it is complete for these rows and models (it is written
+    atomically, after every image): a restart reuses it instead of sampling again. Else None."""
+    import json
+
+    try:
+        res = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    ids = [r["id"] for r in rows]
+    got = res.get("models", {})
+    if set(got) != set(models) or res.get("rows") != len(rows) or "metrics" not in res:
+        return None
+    for summary in got.values():
+        if [r.get("id") for r in summary.get("per_row", [])] != ids or ("diversity" in summary) != diversity:
+            return None
+    return res
+
+
+def _evaluate(job: DistillJob, tracker, stop) -> dict[str, float] | None:
+    """The end-of-run evaluation, data-parallel: call it on every rank.
+
+    Each rank samples its share of the eval batches (`evaluate.rank_batches`) with the models
+    it holds: the student engine (ZeRO-3 forwards are collectives; the batches are padded so
+    every rank runs the same ones) and the base teacher (replica or ZeRO-3 inference engine).
+    Verifier results are gathered to rank 0, which writes eval/results.json, logs the metrics
+    and returns them (None on the other ranks). A stop signal is honoured between batches
+    (`EvalStopped`, nothing written); a complete results.json from before a restart is reused."""
+    from flashctl.evaluate import default_models, eval_rows, evaluate_models, open_rows, teacher_cache_dir
+    from flashctl.models.paths import resolve_model_path
+    from flashctl.progress import Phase, announce
 
     spec = job.spec
-    teacher = job.base_teacher_replica()  # unpartitioned: rank 0 samples alone
+    teacher = job.base_teacher_replica()
     models = default_models(spec)
     models["student"].scheduler = job.student_scheduler()  # the teachers sample on their own schedule
-    chosen = {"student": (student, models["student"]), "teacher": (teacher, models["teacher"]),
+    chosen = {"student": (job.student, models["student"]), "teacher": (teacher, models["teacher"]),
               "teacher_fast": (teacher, models["teacher_fast"])}
-    Console(stderr=True).print("evaluating student vs teacher on the seeded eval set")
     out = job.run_dir / "eval"
-    res = evaluate_models(job.adapter, chosen, eval_rows(spec), out, spec.eval.seed)
+    rows = eval_rows(spec)
+    with_div = spec.eval.diversity_seeds > 0 and bool(open_rows(rows))
+    res = _previous_results(out / "results.json", rows, chosen, with_div) if job.rank == 0 else None
+    if _rank0_says(res is not None):
+        announce(f"{out / 'results.json'} is complete: evaluation not repeated", job.rank == 0)
+    else:
+        cached = {}
+        if spec.eval.reuse_teacher:  # one teacher evaluation per grid (and per teacher + eval set)
+            cached["teacher"] = teacher_cache_dir(spec, resolve_model_path(spec.teachers[spec.guidance.base].path),
+                                                  rows)
+        with Phase(f"evaluating student vs teacher ({len(rows)} rows on {job.world} rank(s))", enabled=job.rank == 0):
+            res = evaluate_models(job.adapter, chosen, rows, out, spec.eval.seed, rank=job.rank, world=job.world,
+                                  should_stop=lambda: stop.should_stop(job.device),
+                                  diversity_seeds=spec.eval.diversity_seeds, cached=cached)
+        if job.rank == 0 and res["timing"]["cached"]:
+            announce(f"teacher evaluation reused from {cached['teacher']}")
+    if job.rank != 0:
+        return None
     tracker.log_metrics(res["metrics"], spec.distill.steps)
     tracker.log_artifact(out / "results.json", "eval")
     tracker.log_artifacts(out / "images", "eval/images")
-    _print_eval(res["metrics"])
+    _print_eval(res["metrics"], res.get("ranks"))
     return res["metrics"]
 
 
-def _print_eval(m: dict[str, float]) -> None:
+def _print_eval(m: dict[str, float], ranks: list[dict[str, int]] | None = None) -> None:
     from rich.table import Table
 
     from flashctl.term import human_console, show
@@ -426,12 +529,30 @@ def _print_eval(m: dict[str, float]) -> None:
         console.print(
             f"retention T2I {m.get('eval/retention/t2i', float('nan')):.2f}, edit "
             f"{m.get('eval/retention/edit', float('nan')):.2f}; speed-up x{m['eval/speedup']:.1f}")
+    from flashctl.shapes.diversity import KINDS
+
+    for name in ("teacher", "teacher_fast", "student"):
+        parts = [f"{kind} H {m[f'eval/{name}/diversity/{kind}/entropy']:.2f} "
+                 f"(i.i.d. {m[f'eval/{name}/diversity/{kind}/entropy_ref']:.2f}), "
+                 f"TV {m[f'eval/{name}/diversity/{kind}/tv']:.2f} (i.i.d. {m[f'eval/{name}/diversity/{kind}/tv_ref']:.2f})"
+                 for kind in KINDS if f"eval/{name}/diversity/{kind}/entropy" in m]
+        if parts:
+            console.print(f"diversity {name}: " + "; ".join(parts))
+    if ranks and len(ranks) > 1:
+        console.print(f"eval rows per rank: {', '.join(str(r['rows']) for r in ranks)} ({len(ranks)} ranks, "
+                      f"{sum(r['padding'] for r in ranks)} padding batches)")
 
 
 def _log_samples(job: DistillJob, tracker, step: int) -> None:
     """A small grid of student samples (all ranks sample: ZeRO-3 forwards are collectives)."""
     from flashctl.evaluate import eval_rows, sample_rows
 
+    if not job.adapter.has_encoders and job.device.type == "cuda":  # cached conditioning: keep them off the GPUs
+        from flashctl.progress import announce
+
+        announce(f"step {step}: samples skipped (trained from cached conditioning: no text encoder/VAE on the ranks)",
+                 job.rank == 0)
+        return
     rows = [r for r in eval_rows(job.spec) if r["aspect"] == "square"][:8]
     images, _ = sample_rows(job.adapter, job.student, rows, job.spec.distill.student_steps, 1.0, job.spec.eval.seed,
                             batch=8, scheduler=job.student_scheduler())
