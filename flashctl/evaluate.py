@@ -152,9 +152,7 @@ def sample_batch(adapter, transformer, prompts: list[str], height: int, width: i
     denoising ratio is the one to hold against the NFE ratio, the end-to-end one is what a user
     waits for (it includes the fixed per-batch costs of encoding and decoding)."""
     import torch
-    from diffusers.utils.torch_utils import randn_tensor
 
-    from flashctl import flow
 
     with torch.no_grad():
         t0 = time.perf_counter()
@@ -171,22 +169,9 @@ def sample_batch(adapter, transformer, prompts: list[str], height: int, width: i
         src, src_size = (None, None)
         if source_images is not None:
             src, src_size = adapter.encode_sources(list(source_images))
-        f = adapter.vae_scale_factor * 2
-        shape = (b, 1, adapter.z_dim, 2 * (height // f), 2 * (width // f))
-        noise = randn_tensor(shape, generator=torch.Generator("cpu").manual_seed(seed), device=adapter.device,
-                             dtype=embeds.dtype)
-        latents = adapter.t2i_pipe._pack_latents(noise, b, adapter.z_dim, shape[3], shape[4])
-        sched = adapter.make_scheduler(scheduler)
-        timesteps = adapter.set_timesteps(sched, steps, height, width)
-        sched.set_begin_index(0)
         t1 = time.perf_counter()
-        for t in timesteps:
-            sigma = t.expand(b).to(latents.dtype) / 1000
-            v = adapter.velocity(transformer, latents, sigma, embeds, mask, height, width, src, src_size)
-            if do_cfg:
-                v_u = adapter.velocity(transformer, latents, sigma, n_embeds, n_mask, height, width, src, src_size)
-                v = flow.cfg_combine(v, v_u, cfg_scale, cfg_rescale)
-            latents = sched.step(v, t, latents, return_dict=False)[0]
+        latents = adapter.denoise(transformer, embeds, mask, (n_embeds, n_mask) if do_cfg else None, height, width,
+                                  steps, seed, cfg_scale, cfg_rescale, src, src_size, scheduler)
         t2 = time.perf_counter()
         images = adapter.decode_latents(latents, height, width)
         t3 = time.perf_counter()

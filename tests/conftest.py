@@ -44,6 +44,16 @@ def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 
                           capture_output=True, text=True, timeout=timeout)
 
 
+def bash_n(script: str, where: Path) -> None:
+    """`script` parses as bash (`bash -n`): what a job script printed or written must pass."""
+    import subprocess
+
+    path = where / "check.sh"
+    path.write_text(script)
+    proc = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+
+
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory):
     """A small prepared shapes dataset and a random (untrained) tiny teacher pipeline folder.

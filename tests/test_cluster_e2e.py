@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from conftest import EXPERIMENTS, run_cli
+from conftest import EXPERIMENTS, bash_n, run_cli
 
 SPEC = str(EXPERIMENTS / "tiny-cpu.yaml")
 NARROW = {"COLUMNS": "40"}  # nothing may depend on the width: rich once wrapped piped output at 80
@@ -32,13 +32,6 @@ def _args(tiny_world, tmp_path: Path, *extra: str) -> tuple[list[str], str]:
     """tiny_world's short-run overrides with this test's own store and output folder."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     return [*tiny_world["spec_args"], f"tracking.uri={uri}", f"run.out_dir={tmp_path / 'runs'}", *extra], uri
-
-
-def _bash_n(script: str, tmp_path: Path) -> None:
-    path = tmp_path / "check.sh"
-    path.write_text(script)
-    proc = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True, check=False)
-    assert proc.returncode == 0, proc.stderr
 
 
 def _assert_student(run_dir: Path) -> dict:
@@ -57,7 +50,7 @@ def test_distill_dry_run_on_slurm_prints_a_valid_batch_script(tiny_world, tmp_pa
     res = run_cli(["distill", SPEC, *args, "launch.backend=slurm", "--dry-run"], cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     script = res.stdout
-    _bash_n(script, tmp_path)
+    bash_n(script, tmp_path)
     assert script.startswith("#!/bin/bash\n") and "#SBATCH --nodes=1" in script
     assert "srun " in script and "-m flashctl.distill.worker --run-dir" in script
     assert not (tmp_path / "runs").exists()
@@ -69,7 +62,7 @@ def test_ablate_dry_run_on_slurm_prints_one_array_and_its_cells(tiny_world, tmp_
     assert res.returncode == 0, res.stderr
     text = res.stdout
     script = text[text.index("#!/bin/bash"):text.rindex("\n# ")]
-    _bash_n(script, tmp_path)
+    bash_n(script, tmp_path)
     assert "#SBATCH --array=0-2%2" in script.splitlines()
     cells = [line for line in text.splitlines() if line.startswith("task-mixture=")]
     assert [c.split("\t")[0] for c in cells] == ["task-mixture=9:1", "task-mixture=7:3", "task-mixture=5:5"]

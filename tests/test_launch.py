@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import EXPERIMENTS
+from conftest import EXPERIMENTS, bash_n
 from flashctl.errors import UserError
 from flashctl.launch import hostfile as hf
 from flashctl.launch import slurm
@@ -231,18 +231,11 @@ def test_two_node_loopback_zero3_run(tmp_path, monkeypatch):
 # Slurm scripts
 
 
-def _bash_n(script: str, tmp_path: Path) -> None:
-    f = tmp_path / "check.sbatch"
-    f.write_text(script)
-    proc = subprocess.run(["bash", "-n", str(f)], capture_output=True, text=True, check=False)
-    assert proc.returncode == 0, proc.stderr
-
-
 def test_sbatch_for_the_gpu_spec(tmp_path):
     spec = load_spec(EXPERIMENTS / "qwen-image-flash.yaml", [f"run.out_dir={tmp_path}"])
     argv = [sys.executable, "-m", "flashctl.distill.worker", "--run-dir", str(spec.run_dir())]
     script = slurm.render_sbatch(spec, spec.run_dir(), argv, {"MLFLOW_RUN_ID": "abc def"})
-    _bash_n(script, tmp_path)
+    bash_n(script, tmp_path)
     lines = script.splitlines()
     run_dir = spec.run_dir().resolve()
     for expected in (
@@ -297,7 +290,7 @@ def test_local_models_need_no_prefetch_step(tmp_path):
 def test_sbatch_on_cpu_has_no_gpu_request_and_checks_gpu_counts(tmp_path):
     spec = _spec(backend="slurm", device="cpu", nproc_per_node=2)
     script = slurm.render_sbatch(spec, tmp_path, ["bash", "-c", "true"])
-    _bash_n(script, tmp_path)
+    bash_n(script, tmp_path)
     directives = [ln.split("=")[0] for ln in script.splitlines() if ln.startswith("#SBATCH")]
     assert not [d for d in directives if "gpu" in d or "gres" in d], directives
     assert "export DS_ACCELERATOR=cpu" in script and "--no-python bash -c true" in script
@@ -317,7 +310,7 @@ def test_array_script_and_cells_file(tmp_path):
     spec = _spec(backend="slurm", device="cpu", slurm={"array_parallel": 2, "cpus_per_task": 1})
     path = slurm.write_array(spec, CELLS, tmp_path / "grid", {"OUT": str(tmp_path)})
     script = path.read_text()
-    _bash_n(script, tmp_path)
+    bash_n(script, tmp_path)
     assert "#SBATCH --array=0-2%2" in script.splitlines()
     assert f"#SBATCH --output={(tmp_path / 'grid').resolve()}/logs/%A_%a.out" in script
     assert len((tmp_path / "grid" / slurm.CELLS_FILE).read_text().splitlines()) == 3

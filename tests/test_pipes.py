@@ -10,13 +10,12 @@ from __future__ import annotations
 import json
 import re
 import shlex
-import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import EXPERIMENTS, run_cli
+from conftest import EXPERIMENTS, bash_n, run_cli
 
 SPEC = str(EXPERIMENTS / "tiny-cpu.yaml")
 NARROW = {"COLUMNS": "40"}
@@ -34,13 +33,6 @@ def long_dir(tmp_path) -> Path:
 def _args(tiny_world, where: Path, *extra: str) -> list[str]:
     return [*tiny_world["spec_args"], f"tracking.uri=sqlite:///{where / 'mlflow.db'}",
             f"run.out_dir={where / 'runs'}", *extra]
-
-
-def _bash_n(script: str, where: Path) -> None:
-    path = where / "check.sh"
-    path.write_text(script)
-    proc = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True, check=False)
-    assert proc.returncode == 0, proc.stderr
 
 
 def test_schema_through_a_pipe_is_json(tmp_path):
@@ -71,7 +63,7 @@ def test_slurm_dry_run_through_a_pipe_is_the_exact_job_script(tiny_world, long_d
     monkeypatch.chdir(long_dir)  # the job starts where it was submitted from
     expected = prepare_run(load_spec(SPEC, args), dry_run=True).script
     assert res.stdout == expected  # byte-exact
-    _bash_n(res.stdout, long_dir)
+    bash_n(res.stdout, long_dir)
     [srun] = [line for line in res.stdout.splitlines() if line.lstrip().startswith("srun ")]
     argv = shlex.split(srun.rstrip(" &"))
     run_dir = Path(argv[argv.index("--run-dir") + 1])

@@ -456,6 +456,44 @@ class QwenImageAdapter:
         return scheduler.sigmas.clone()
 
     @torch.no_grad()
+    def denoise(
+        self,
+        transformer: torch.nn.Module,
+        embeds: torch.Tensor,
+        mask: torch.Tensor,
+        negative: tuple[torch.Tensor, torch.Tensor] | None,
+        height: int,
+        width: int,
+        steps: int,
+        seed: int,
+        cfg_scale: float = 1.0,
+        cfg_rescale: float = 1.0,
+        source_latents: torch.Tensor | None = None,
+        source_size: tuple[int, int] | None = None,
+        scheduler: Any | None = None,
+    ) -> torch.Tensor:
+        """The pipelines' Euler loop from seeded noise to packed latents (no encoding, no decoding):
+        the part of sampling whose cost scales with the NFE. `negative` (embeds, mask) turns on
+        CFG at `cfg_scale`. `sample` and the timed sampler of `flashctl.evaluate` share it."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        b = embeds.shape[0]
+        f = self.vae_scale_factor * 2
+        shape = (b, 1, self.z_dim, 2 * (height // f), 2 * (width // f))
+        noise = randn_tensor(shape, generator=torch.Generator("cpu").manual_seed(seed), device=self.device, dtype=embeds.dtype)
+        latents = self.t2i_pipe._pack_latents(noise, b, self.z_dim, shape[3], shape[4])
+        scheduler = self.make_scheduler(scheduler)
+        timesteps = self.set_timesteps(scheduler, steps, height, width)
+        scheduler.set_begin_index(0)
+        for t in timesteps:
+            sigma = t.expand(b).to(latents.dtype) / 1000
+            v = self.velocity(transformer, latents, sigma, embeds, mask, height, width, source_latents, source_size)
+            if negative is not None:
+                v_u = self.velocity(transformer, latents, sigma, *negative, height, width, source_latents, source_size)
+                v = flow.cfg_combine(v, v_u, cfg_scale, cfg_rescale)
+            latents = scheduler.step(v, t, latents, return_dict=False)[0]
+        return latents
+
     def sample(
         self,
         transformer: Any,
@@ -479,7 +517,6 @@ class QwenImageAdapter:
         `cfg_rescale=1.0` and `negative_prompt=""`. `output_type="latent"` returns the packed
         latents instead of images. `scheduler` (default: this pipeline's) sets the schedule: a
         student samples on its own (`distill.schedules.student_scheduler`), not the teacher's."""
-        from diffusers.utils.torch_utils import randn_tensor
 
         self._check_size(height, width)
         b = len(prompts)
@@ -490,20 +527,9 @@ class QwenImageAdapter:
         src, src_size = (None, None)
         if source_images is not None:
             src, src_size = self.encode_sources(list(source_images))
-        f = self.vae_scale_factor * 2
-        shape = (b, 1, self.z_dim, 2 * (height // f), 2 * (width // f))
-        noise = randn_tensor(shape, generator=torch.Generator("cpu").manual_seed(seed), device=self.device, dtype=embeds.dtype)
-        latents = self.t2i_pipe._pack_latents(noise, b, self.z_dim, shape[3], shape[4])
-        scheduler = self.make_scheduler(scheduler)
-        timesteps = self.set_timesteps(scheduler, steps, height, width)
-        scheduler.set_begin_index(0)
-        for t in timesteps:
-            sigma = t.expand(b).to(latents.dtype) / 1000
-            v = self.velocity(transformer, latents, sigma, embeds, mask, height, width, src, src_size)
-            if do_cfg:
-                v_u = self.velocity(transformer, latents, sigma, n_embeds, n_mask, height, width, src, src_size)
-                v = flow.cfg_combine(v, v_u, cfg_scale, cfg_rescale)
-            latents = scheduler.step(v, t, latents, return_dict=False)[0]
+        negative = (n_embeds, n_mask) if do_cfg else None
+        latents = self.denoise(transformer, embeds, mask, negative, height, width, steps, seed,
+                               cfg_scale, cfg_rescale, src, src_size, scheduler)
         if output_type == "latent":
             return latents
         return self.decode_latents(latents, height, width)
