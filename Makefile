@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e ".[dev]"
 	@# DeepSpeed compiles its CPU comm op on first use (~1 min): do it now, not silently in the first run
-	-DS_ACCELERATOR=cpu $(BIN)/python -m flashctl.distill.ops || echo "DeepSpeed op build skipped; the first run builds it"
+	-DS_ACCELERATOR=cpu $(BIN)/python -m flashctl.distill.ops || echo "DeepSpeed op build skipped; runs use gloo allreduce"
 	touch $(STAMP)
 
 # The embedded default end to end: shapes data, DMD2 distillation (2-rank ZeRO-3 on CPU),
