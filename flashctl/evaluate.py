@@ -356,9 +356,9 @@ def evaluate_models(
     `sample_interleaved`; on `EvalStopped` nothing is written to results.json.
 
     `cached`: {model name: cache folder} (e.g. `teacher_cache_dir`). A model whose folder is
-    complete is not sampled: its results, metrics and images are copied from there (its timing
-    then comes from the evaluation that stored it; `timing.cached` names it). Otherwise it is
-    sampled and stored there for the next evaluation with the same key.
+    complete is not sampled: its results, metrics and images are copied from there, without its
+    timing (speed-ups are only measured within one evaluation; `timing.cached` names it).
+    Otherwise it is sampled and stored there for the next evaluation with the same key.
     """
     out_dir = Path(out_dir)
     gather_all = (gather or _all_gather) if world > 1 else (lambda obj: [obj])
@@ -377,7 +377,10 @@ def evaluate_models(
     for name in hits:
         stored = load_cached(cached[name], out_dir / "images" / name)
         results["models"][name] = stored["summary"]
-        results["metrics"].update(stored["metrics"])
+        # accuracy and images are the stored run's; its timing is not this run's, and a speed-up
+        # across two processes on differently loaded machines would not be honest: left out
+        results["metrics"].update({k: v for k, v in stored["metrics"].items()
+                                   if not k.endswith(("/sec_per_image", "/denoise_sec_per_image"))})
     results["models"] = {n: results["models"][n] for n in models}
     results["timing"]["cached"] = list(hits)
     results["metrics"].update(relative_metrics(results["metrics"]))

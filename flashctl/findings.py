@@ -146,9 +146,9 @@ def judge(factor: str, metrics: Mapping[str, MetricFinding]) -> tuple[str, str]:
             return "not comparable", "needs text-centric or mixed-category and one coherent level"
         if any(all(_significantly(f, b, o) for o in others) for b in broad):
             return "disagree", "text-centric / mixed data significantly improves text rendering over every other level"
-        if max(_acc(f, o) or 0 for o in others) >= max(_acc(f, b) or 0 for b in broad):
-            return "agree", "a coherent level renders text at least as well as text-centric / mixed data"
-        return "inconclusive", "text-centric / mixed data scores higher on text, but not significantly"
+        if f.best in others and all(_significantly(f, f.best, b) for b in broad):
+            return "agree", f"{f.best} renders text significantly better than text-centric / mixed data"
+        return "inconclusive", "the levels' text rendering cannot be told apart at this eval size"
     return "not comparable", ""
 
 

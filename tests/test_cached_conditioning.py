@@ -131,3 +131,15 @@ def test_adapter_without_encoders_loads_them_on_first_use(tiny_world):
     assert lazy.has_encoders
     e2, m2 = full.encode_prompts(["a red circle"])
     assert torch.equal(e, e2) and torch.equal(m, m2)
+
+
+def test_a_cache_in_another_dtype_is_refused(prepared, tiny_world):
+    from flashctl.data.conditioning import cache_for_run
+    from flashctl.errors import UserError
+    from flashctl.spec import load_spec
+
+    spec = load_spec(SPEC, [*_overrides(tiny_world), f"data.root={prepared['cached']}"])
+    assert cache_for_run(spec) is not None  # made on CPU in float32, used on CPU
+    gpu = load_spec(SPEC, [*_overrides(tiny_world), f"data.root={prepared['cached']}", "launch.device=cuda"])
+    with pytest.raises(UserError, match="cached in float32, a launch.device=cuda run encodes in bfloat16"):
+        cache_for_run(gpu)

@@ -73,3 +73,10 @@ def test_guidance_needs_both_levels_to_compare():
     pooled, _ = group_outcomes([({"teacher-guidance": "single"}, rows("edit", [True]))], "teacher-guidance",
                                ["teacher-guidance"])
     assert factor_finding("teacher-guidance", pooled).verdict == "not comparable"
+
+
+def test_equal_text_rendering_is_inconclusive_not_agreement():
+    cells = [({"data-composition": "text-centric"}, rows("t2i", [i < 10 for i in range(20)], "text")),
+             ({"data-composition": "portrait-only"}, rows("t2i", [i < 10 for i in range(20)], "text"))]
+    pooled, _ = group_outcomes(cells, "data-composition", ["data-composition"])
+    assert factor_finding("data-composition", pooled).verdict == "inconclusive"

@@ -285,6 +285,11 @@ def cache_for_run(spec: Any) -> dict[str, Any] | None:
                         f"{rec['fingerprint'][:12]}), but the base teacher is {base} "
                         f"({model_fingerprint(base)[:12]}); re-run `flashctl prepare-data --cache-embeddings` "
                         "or set data.cached_conditioning=false")
+    want_dtype = "bfloat16" if spec.launch.device == "cuda" else "float32"  # what `from_spec` encodes in there
+    if rec.get("dtype") != want_dtype:
+        raise UserError(f"{spec.data.root}: conditioning cached in {rec.get('dtype')}, a launch.device="
+                        f"{spec.launch.device} run encodes in {want_dtype}; re-run `flashctl prepare-data "
+                        "--cache-embeddings` on that device or set data.cached_conditioning=false")
     if rec.get("edit_max_pixels") != spec.model.edit_max_pixels:
         raise UserError(f"{spec.data.root}: conditioning cached with model.edit_max_pixels={rec.get('edit_max_pixels')}, "
                         f"the spec has {spec.model.edit_max_pixels}; re-run `flashctl prepare-data --cache-embeddings`")

@@ -376,10 +376,12 @@ def run(run_dir: Path) -> int:
             tracker.log_metrics(metrics, step + 1)
         if spec.distill.sample_every and (step + 1) % spec.distill.sample_every == 0:
             _log_samples(job, tracker, step + 1)
-        if (step + 1) % spec.distill.checkpoint_every == 0 and step + 1 < spec.distill.steps:
+        saved = (step + 1) % spec.distill.checkpoint_every == 0 and step + 1 < spec.distill.steps
+        if saved:
             job.save(step + 1)
         if stop.should_stop(info.device):
-            job.save(step + 1)
+            if not saved:  # a checkpoint of this very step exists: saving it again would be refused
+                job.save(step + 1)
             progress.close()
             tracker.set_tags({"status": "stopped", "stopped_at": str(step + 1)})
             tracker.finish("KILLED")
