@@ -142,6 +142,9 @@ def test_the_teacher_is_evaluated_once_per_key_and_reused(toy_adapter, tmp_path)
     assert second["metrics"]["eval/retention/t2i"] == first["metrics"]["eval/retention/t2i"]
     # the stored run's timing is not this run's: no speed-up across two evaluations
     assert "eval/speedup" in first["metrics"] and "eval/speedup" not in second["metrics"]
+    from flashctl.distill.worker import _print_eval
+
+    _print_eval(second["metrics"])  # the worker's summary table shows the reused teacher as untimed
     for r in rows:
         png = f"images/teacher/{r['id']}.png"
         assert (tmp_path / "b" / png).read_bytes() == (tmp_path / "a" / png).read_bytes()

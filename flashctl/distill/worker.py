@@ -513,6 +513,10 @@ def _evaluate(job: DistillJob, tracker, stop) -> dict[str, float] | None:
     return res["metrics"]
 
 
+def _seconds(value: float | None) -> str:
+    return "reused" if value is None else f"{value:.4f}"  # a teacher eval reused from the cache is not timed
+
+
 def _print_eval(m: dict[str, float], ranks: list[dict[str, int]] | None = None) -> None:
     from rich.table import Table
 
@@ -524,7 +528,8 @@ def _print_eval(m: dict[str, float], ranks: list[dict[str, int]] | None = None) 
     for name in ("teacher", "teacher_fast", "student"):
         if f"eval/{name}/nfe" in m:
             table.add_row(name, f"{m[f'eval/{name}/nfe']:.0f}", f"{m.get(f'eval/{name}/t2i_acc', float('nan')):.3f}",
-                          f"{m.get(f'eval/{name}/edit_acc', float('nan')):.3f}", f"{m[f'eval/{name}/sec_per_image']:.4f}")
+                          f"{m.get(f'eval/{name}/edit_acc', float('nan')):.3f}",
+                          _seconds(m.get(f"eval/{name}/sec_per_image")))
     console = human_console(stderr=True)
     show(console, table)
     if "eval/speedup" in m:
