@@ -29,7 +29,6 @@ import argparse
 import copy
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -102,7 +101,7 @@ def _old_build(spec, info):
     from flashctl.distill.dmd2 import Teacher
     from flashctl.distill.engine import ds_config, make_engine, make_frozen_engine
     from flashctl.models.adapter import QwenImageAdapter
-    from flashctl.models.paths import resolve_model_path
+    from flashctl.pipelines import resolve_model_path
 
     base_path = resolve_model_path(spec.teachers[spec.guidance.base].path)
     adapter = QwenImageAdapter.from_pretrained(base_path, device=info.device, dtype=torch.float32)
@@ -223,12 +222,6 @@ def worker(args) -> None:
 # ------------------------------------------------------------------------------------ driver
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -250,12 +243,15 @@ def main() -> None:
     model_mib = info["transformer_bf16_bytes"] / MIB
     print(f"medium transformer: {info['transformer_params'] / 1e6:.1f}M parameters, {model_mib:.0f} MiB in bf16",
           flush=True)
+    from flashctl.launch import rank_env
+    from flashctl.system import free_port
+
     rows = []
     for world in [int(w) for w in args.ranks.split(",")]:
         for way in args.ways.split(","):
-            env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+            env = rank_env("cpu", base=dict(os.environ, OMP_NUM_THREADS="1"))
             cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
-                   f"--master_port={_free_port()}", str(Path(__file__).resolve()), "--worker", f"--way={way}",
+                   f"--master_port={free_port()}", str(Path(__file__).resolve()), "--worker", f"--way={way}",
                    f"--pipeline={args.pipeline}", f"--out={args.out}"]
             log = args.out / f"{way}-w{world}.log"
             with open(log, "w") as fh:

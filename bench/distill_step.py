@@ -38,7 +38,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -51,12 +50,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 WORKER = "bench._distill_bench_worker"
 RESULTS = REPO / "bench" / "results" / "distill_step.json"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def build_world(root: Path, teacher: str | None, size: int) -> tuple[Path, Path]:
@@ -122,8 +115,9 @@ def run_flashctl(world: int, cfg: dict[str, Any], tmp: Path, tag: str, extra: tu
     `extra` added); returns the per-rank results."""
     from flashctl.launch.local import env_for, torchrun_command
     from flashctl.spec import load_spec
+    from flashctl.system import free_port
 
-    port = _free_port()
+    port = free_port()
     overrides = [*cfg["overrides"], *extra, f"launch.nproc_per_node={world}", f"launch.master_port={port}"]
     spec = load_spec(REPO / "experiments" / "tiny-cpu.yaml", overrides)
     conf = tmp / f"{tag}.json"

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     from flashctl.evaluate import ModelUnderTest, default_models, eval_rows, evaluate_models
     from flashctl.io import atomic_write_json
     from flashctl.models.adapter import QwenImageAdapter
-    from flashctl.models.paths import resolve_model_path
+    from flashctl.pipelines import resolve_model_path
     from flashctl.spec import load_spec
 
     if args.threads:

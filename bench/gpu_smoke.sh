@@ -76,7 +76,7 @@ import sys
 from pathlib import Path
 
 from flashctl.data.prepare import prepare_data
-from flashctl.models.paths import BUILTIN_DIR
+from flashctl.pipelines import BUILTIN_DIR
 from flashctl.spec import DataSpec, load_spec
 
 work = Path(sys.argv[1])

@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -182,12 +181,6 @@ def worker(args) -> None:
 # ------------------------------------------------------------------------------------ driver
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _row(r: dict[str, Any]) -> dict[str, float]:
     p = r["parts"]
 
@@ -239,11 +232,13 @@ def main(argv: list[str] | None = None) -> int:
         ]
         out = tmp / "out"
         out.mkdir()
-        env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-                   PYTHONPATH=str(REPO))
+        from flashctl.launch import rank_env
+        from flashctl.system import free_port
+
+        env = rank_env("cpu", base=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)))
         for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
             env.pop(k, None)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
                str(Path(__file__).resolve()), "--worker", f"--out={out}", f"--overrides={json.dumps(overrides)}"]
         print("2 ranks: building the ZeRO-3 engines, 1 warm-up round, then "
               f"{2 * args.repeats} measured rounds ...", flush=True)

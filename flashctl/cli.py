@@ -228,10 +228,36 @@ def evaluate(
     as_spec = model.endswith((".yaml", ".yml"))
     spec = load_spec(model if as_spec else spec_path, list(overrides or []))
     path = spec.teachers[spec.guidance.base].path if as_spec else model
-    from flashctl.evaluate_cmd import run_evaluate
+    from flashctl.evaluate import evaluate_one
 
-    result = run_evaluate(spec, path, nfe, cfg, out_dir, track, console)
-    show(out, result)
+    results, folder = evaluate_one(spec, path, nfe, cfg, out_dir, track, console)
+    show(out, _accuracy_table(path, results, folder))
+
+
+def _accuracy_table(model: str, results: dict, folder: Path):
+    """`flashctl evaluate`'s table: verifier accuracy per task, T2I category and edit type, the
+    diversity of open attributes beside i.i.d. draws from the data, and the time per image."""
+    from rich.table import Table
+
+    s = results["models"]["model"]
+    table = Table(title=f"{model} @ {s['steps']} steps, CFG {s['cfg']:g} ({s['nfe']} NFE): "
+                        f"verifier accuracy ({results['rows']} eval rows)")
+    table.add_column("group")
+    table.add_column("n", justify="right")
+    table.add_column("accuracy", justify="right")
+    for label, groups in (("[bold]{}", s["by_task"]), ("t2i / {}", s["by_category_t2i"]),
+                          ("edit / {}", s["by_edit_type"])):
+        for key, v in groups.items():
+            table.add_row(label.format(key), str(v["n"]), f"{v['accuracy']:.3f}")
+    div = s.get("diversity", {})
+    for kind in ("cell", "colour", "background"):  # shapes.diversity.KINDS
+        if kind in div:  # normalised entropy of the open attribute, beside i.i.d. draws from the data
+            d = div[kind]
+            table.add_row(f"diversity / {kind} (H, i.i.d. H)", str(d["prompts"]),
+                          f"{d['entropy']:.3f} ({d['entropy_ref']:.3f})")
+    table.caption = (f"{s['sec_per_image'] * 1000:.1f} ms per image end to end "
+                     f"({s['denoise_sec_per_image'] * 1000:.1f} ms denoising); images and results.json in {folder}")
+    return table
 
 
 @app.command(

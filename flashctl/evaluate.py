@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from flashctl.io import atomic_write_json
 from flashctl.spec import ExperimentSpec
+from flashctl.track import EVAL_NFE_RATIO, EVAL_SPEEDUP, EVAL_SPEEDUP_DENOISE, eval_metric
 
 
 @dataclass
@@ -286,18 +287,18 @@ def flat_metrics(name: str, summary: dict[str, Any], nfe: int, sec_per_image: fl
 
     `sec_per_image` is end to end (encode + denoise + decode); `denoise_sec_per_image` the
     denoising loop alone."""
-    m: dict[str, float] = {f"eval/{name}/nfe": float(nfe), f"eval/{name}/sec_per_image": sec_per_image}
+    m: dict[str, float] = {eval_metric(name, "nfe"): float(nfe), eval_metric(name, "sec_per_image"): sec_per_image}
     if denoise_sec_per_image is not None:
-        m[f"eval/{name}/denoise_sec_per_image"] = denoise_sec_per_image
+        m[eval_metric(name, "denoise_sec_per_image")] = denoise_sec_per_image
     by_task = summary.get("by_task", {})
     for task, key in (("t2i", "t2i_acc"), ("edit", "edit_acc")):
         if task in by_task:
-            m[f"eval/{name}/{key}"] = by_task[task]["accuracy"]
+            m[eval_metric(name, key)] = by_task[task]["accuracy"]
     for cat, v in summary.get("by_category_t2i", {}).items():
-        m[f"eval/{name}/t2i/{cat}"] = v["accuracy"]
+        m[eval_metric(name, "t2i", cat)] = v["accuracy"]
     for et, v in summary.get("by_edit_type", {}).items():
         if et:
-            m[f"eval/{name}/edit/{et}"] = v["accuracy"]
+            m[eval_metric(name, "edit", et)] = v["accuracy"]
     return m
 
 
@@ -310,15 +311,14 @@ def speedup_metrics(m: dict[str, float], fast: str = "student", slow: str = "tea
     The denoising speed-up should be close to the NFE ratio (same network, same batch); the
     end-to-end one is lower by the fixed per-image costs (encoding, decoding) both pay."""
     out: dict[str, float] = {}
-    sec = (m.get(f"eval/{fast}/sec_per_image"), m.get(f"eval/{slow}/sec_per_image"))
+    sec, den, nfe = ((m.get(eval_metric(fast, key)), m.get(eval_metric(slow, key)))
+                     for key in ("sec_per_image", "denoise_sec_per_image", "nfe"))
     if None not in sec:
-        out["eval/speedup"] = sec[1] / max(sec[0], 1e-9)
-    den = (m.get(f"eval/{fast}/denoise_sec_per_image"), m.get(f"eval/{slow}/denoise_sec_per_image"))
+        out[EVAL_SPEEDUP] = sec[1] / max(sec[0], 1e-9)
     if None not in den:
-        out["eval/speedup_denoise"] = den[1] / max(den[0], 1e-9)
-    nfe = (m.get(f"eval/{fast}/nfe"), m.get(f"eval/{slow}/nfe"))
+        out[EVAL_SPEEDUP_DENOISE] = den[1] / max(den[0], 1e-9)
     if None not in nfe and nfe[0]:
-        out["eval/nfe_ratio"] = nfe[1] / nfe[0]
+        out[EVAL_NFE_RATIO] = nfe[1] / nfe[0]
     return out
 
 
@@ -385,7 +385,7 @@ def evaluate_models(
     results["timing"]["cached"] = list(hits)
     results["metrics"].update(relative_metrics(results["metrics"]))
     for name in cached.keys() - set(hits):
-        prefix = f"eval/{name}/"
+        prefix = eval_metric(name, "")
         store_cached(cached[name], results["models"][name],
                      {k: v for k, v in results["metrics"].items() if k.startswith(prefix)}, out_dir / "images" / name)
     atomic_write_json(out_dir / "results.json", results)
@@ -461,9 +461,9 @@ def relative_metrics(m: dict[str, float]) -> dict[str, float]:
     """Student relative to teacher: retention per task (accuracy ratio) and the speed-ups."""
     out: dict[str, float] = {}
     for task, key in (("t2i", "t2i_acc"), ("edit", "edit_acc")):
-        s, t = m.get(f"eval/student/{key}"), m.get(f"eval/teacher/{key}")
+        s, t = m.get(eval_metric("student", key)), m.get(eval_metric("teacher", key))
         if s is not None and t:
-            out[f"eval/retention/{task}"] = s / t
+            out[eval_metric("retention", task)] = s / t
     out.update(speedup_metrics(m))
     return out
 
@@ -578,3 +578,37 @@ def default_models(spec: ExperimentSpec) -> dict[str, ModelUnderTest]:
         "teacher": ModelUnderTest("teacher", e.teacher_nfe, e.teacher_cfg),
         "teacher_fast": ModelUnderTest("teacher_fast", e.student_nfe, 1.0),
     }
+
+
+def evaluate_one(spec: ExperimentSpec, model: str, nfe: int, cfg: float, out_dir: Path | None,
+                 track: bool, console) -> tuple[dict[str, Any], Path]:
+    """`flashctl evaluate`: `model` (pipeline folder / builtin:NAME / hub id) on the spec's eval
+    set, logged as its own MLflow run when `track`. Returns the results (`results.json`, the
+    model named "model") and the folder holding them and the images."""
+    from flashctl.models.adapter import QwenImageAdapter
+    from flashctl.pipelines import resolve_model_path
+    from flashctl.progress import StepProgress
+
+    path = resolve_model_path(model)
+    name = Path(path).name if Path(path).exists() else model.replace("/", "_")
+    out_dir = out_dir or Path("runs") / "eval" / f"{name}-steps{nfe}-cfg{cfg:g}"
+    adapter = QwenImageAdapter.from_pretrained(path, edit_max_pixels=spec.model.edit_max_pixels)
+    rows = eval_rows(spec)
+    with StepProgress(f"sampling {name} @ {nfe} NFE", len(rows), console, unit="rows") as prog:
+        res = evaluate_models(adapter, {"model": (adapter.transformer, ModelUnderTest("model", nfe, cfg))},
+                              rows, out_dir, spec.eval.seed,
+                              progress=lambda _n, done, total: prog.update(done),
+                              diversity_seeds=spec.eval.diversity_seeds)
+    if track and spec.tracking.enabled:
+        from flashctl.track import KIND_EVALUATE, TAG_KIND, Tracker
+
+        tracker = Tracker(spec.tracking, out_dir, f"evaluate-{name}", tags={TAG_KIND: KIND_EVALUATE})
+        tracker.start()
+        tracker.log_params_once({"model": model, "nfe": nfe, "cfg": cfg})
+        # one model per run: `eval/model/t2i_acc` is logged as the run's own `eval/t2i_acc`
+        prefix = eval_metric("model", "")
+        tracker.log_metrics({eval_metric(None, k[len(prefix):]) if k.startswith(prefix) else k: v
+                             for k, v in res["metrics"].items()}, 0)
+        tracker.log_artifact(out_dir / "results.json")
+        tracker.finish()
+    return res, out_dir

@@ -2,12 +2,16 @@
 
 Per-GPU memory under the spec's ZeRO stage for every model the distillation holds:
 
-* trainable (student, critic): parameters, gradients, optimizer states. For 16-bit training the
-  numbers are DeepSpeed's own estimators (`estimate_zero3_model_states_mem_needs` for stage 3,
-  `estimate_zero2_model_states_mem_needs` for stages 1/2); they assume Adam with an fp32 master
-  copy: 18 bytes per parameter partitioned over all GPUs (2 bf16 params + 4 fp32 grads + 4 fp32
-  master + 8 Adam moments) plus, for stage 3, 4 bytes x the largest layer (a gathered 16-bit
-  layer and its gradient). fp32 training has no master copy: 16 bytes per parameter.
+* trainable (student, critic): parameters, gradients, optimizer states. For 16-bit training under
+  stages 1/2 the numbers are DeepSpeed's own estimator (`estimate_zero2_model_states_mem_needs`).
+  Under stage 3 they are what the engine was measured to hold after a DMD2 round
+  (bench/plan_vs_measured.py): 16 bytes per parameter partitioned over all GPUs (2 bf16 params +
+  2 bf16 gradient partition + 4 fp32 master + 8 Adam moments; fp32 training: 4 + 4 + 8), 4 bytes
+  x the largest layer (a gathered 16-bit layer and its gradient), the gradient reduce bucket
+  (`DS_REDUCE_BUCKET_SIZE`), and while an engine steps `STEP_TEMP_BYTES` per partitioned
+  parameter (fp32 gradient copy, Adam temporaries), one engine at a time. DeepSpeed's
+  `estimate_zero3_model_states_mem_needs` (18 B/param + the layer, no bucket, no step
+  transient) is shown next to it.
 * frozen teachers: parameters only, in the training dtype, partitioned by ZeRO-3 (an engine
   without optimizer; on CUDA under stage 3) or replicated: exactly the teachers
   `ExperimentSpec.teachers_held()` names, which the worker loads.
@@ -113,6 +117,18 @@ CUDA_OVERHEAD_GB = 2.5
 """CUDA context, NCCL buffers and allocator fragmentation per GPU (rule of thumb)."""
 ADDITIONAL_BUFFER_FACTOR = 1.5
 """DeepSpeed's estimator slack on offloaded CPU memory."""
+DS_REDUCE_BUCKET_SIZE = 500_000_000
+"""DeepSpeed's default `reduce_bucket_size` (elements). With contiguous gradients (flashctl's
+config) every ZeRO-3 engine allocates one bucket of this many 16-bit elements (`ipg_buckets`),
+~0.93 GiB in bf16 per trainable engine on a GPU; on CPU only the pages the gradients pass
+through are touched (min(bucket, parameters)), bench/plan_vs_measured.py."""
+DS_SUB_GROUP_SIZE = 1_000_000_000
+"""DeepSpeed's default ZeRO-3 `sub_group_size`: the optimizer steps one sub-group at a time."""
+STEP_TEMP_BYTES = {"cuda": 8, "cpu": 12}
+"""Transient bytes per parameter of a ZeRO-3 sub-group while its engine steps: the fp32 copy of
+the gradient partition (4) + torch AdamW's denominator (foreach on CUDA: one sqrt copy, 4; the
+single-tensor CPU path: sqrt and its quotient, 8). Measured on CPU: peak minus held RSS of a
+round = 12 B x the partition (bench/results/plan_vs_measured.txt). One engine steps at a time."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,7 +236,7 @@ def model_configs(path: str, tiny: TinyModelSpec, where: str) -> tuple[dict[str,
         return KNOWN_MODELS[path], f"{path} (known hub config)"
     folder: Path | None = None
     if path.startswith("builtin:"):
-        from flashctl.models.paths import BUILTIN_DIR
+        from flashctl.pipelines import BUILTIN_DIR
 
         candidate = BUILTIN_DIR / path.split(":", 1)[1]
         if (candidate / "transformer" / "config.json").is_file():
@@ -270,15 +286,24 @@ class ComponentMemory:
     grads_gb: float
     optim_gb: float
     working_gb: float
-    """ZeRO-3 gathered layer(s) while the model runs."""
+    """ZeRO-3 gathered layer(s) while the model runs, + a trainable engine's gradient reduce bucket."""
     deepspeed_gb: float | None = None
     """DeepSpeed's estimator for the same setup (16-bit trainable models only)."""
     offloaded_gb: float = 0.0
     """Bytes moved to CPU by offload, per GPU."""
+    step_gb: float = 0.0
+    """Transient while this engine's optimizer steps (not in `total_gb`; engines step one at a
+    time, so a plan adds the largest: `states_gb`)."""
 
     @property
     def total_gb(self) -> float:
         return self.params_gb + self.grads_gb + self.optim_gb + self.working_gb
+
+
+def states_gb(components: list[ComponentMemory]) -> float:
+    """Model states per GPU at their peak: every component held, + the largest optimizer-step
+    transient (student and critic step one after the other)."""
+    return sum(c.total_gb for c in components) + max((c.step_gb for c in components), default=0.0)
 
 
 def _bytes_per_param(precision: str) -> int:
@@ -294,8 +319,17 @@ def trainable_memory(
     nnodes: int,
     offload_optimizer: bool = False,
     offload_param: bool = False,
+    reduce_bucket_size: int | None = None,
+    device: str = "cuda",
 ) -> ComponentMemory:
-    """Memory of a trainable model with Adam under ZeRO `zero_stage` (see the module docstring)."""
+    """Memory of a trainable model with Adam under ZeRO `zero_stage` (see the module docstring).
+
+    Under ZeRO-3 this is what the engine holds, as measured (bench/plan_vs_measured.py), not
+    DeepSpeed's estimator (kept as `deepspeed_gb`): gradient partitions in the training dtype
+    (DeepSpeed keeps them 16-bit unless `grad_accum_dtype` is set), the gradient reduce bucket
+    (`reduce_bucket_size`, None: DeepSpeed's default), and `step_gb`, the fp32 gradient copy +
+    Adam temporaries while the optimizer steps (`STEP_TEMP_BYTES[device]`).
+    """
     n = gpus_per_node * nnodes
     p = size.total
     w = _bytes_per_param(precision)
@@ -308,10 +342,18 @@ def trainable_memory(
         """Bytes per GPU of `nbytes` per parameter, partitioned from ZeRO stage `stage` on."""
         return nbytes * p / (n if zero_stage >= stage else 1)
 
+    if zero_stage == 3:
+        grad_b = w
     params = part(w, 3)
     grads = part(grad_b, 2 if not mixed else 1)
     optim = part(optim_b, 1)
     working = 2 * w * size.largest_layer if zero_stage == 3 else 0.0
+    step = 0.0
+    if zero_stage == 3:
+        bucket = reduce_bucket_size or DS_REDUCE_BUCKET_SIZE
+        working += w * (bucket if device == "cuda" else min(bucket, p))
+        if not offload_optimizer:
+            step = STEP_TEMP_BYTES.get(device, STEP_TEMP_BYTES["cuda"]) * min(p / n, DS_SUB_GROUP_SIZE)
     offloaded = 0.0
     if offload_optimizer and zero_stage >= 1:
         offloaded += grads + optim
@@ -337,7 +379,8 @@ def trainable_memory(
         ds = gpu / GB
     placement = f"ZeRO-{zero_stage} /{n}" if zero_stage else "replicated (DDP)"
     return ComponentMemory(
-        name, name, size, True, placement, params / GB, grads / GB, optim / GB, working / GB, ds, offloaded / GB
+        name, name, size, True, placement, params / GB, grads / GB, optim / GB, working / GB, ds, offloaded / GB,
+        step / GB,
     )
 
 
@@ -515,7 +558,7 @@ class PlanResult:
 
     @property
     def model_states_gb(self) -> float:
-        return sum(c.total_gb for c in self.components)
+        return states_gb(self.components)
 
     @property
     def total_gb(self) -> float:
@@ -547,7 +590,7 @@ def _components(
     comps = [
         trainable_memory(
             name, sizes["transformer"], ds.zero_stage, ds.precision, launch.nproc_per_node, launch.nnodes,
-            offload_optimizer, offload_param,
+            offload_optimizer, offload_param, ds.reduce_bucket_size, launch.device,
         )
         for name in ("student", "critic")
     ]  # fmt: skip
@@ -609,7 +652,7 @@ def plan(spec: ExperimentSpec, teacher_placement: str | None = None) -> PlanResu
         combos.append(("cpu", "cpu"))
     for opt, par in combos:
         cs = _components(spec, sizes, teacher_sizes, partition, opt == "cpu", par == "cpu")
-        states = sum(c.total_gb for c in cs)
+        states = states_gb(cs)
         cpu = sum(c.offloaded_gb for c in cs) * launch.nproc_per_node * ADDITIONAL_BUFFER_FACTOR
         total, total_ckpt = states + acts.full_gb + overhead, states + acts.checkpointed_gb + overhead
         options.append(
@@ -694,6 +737,9 @@ def render_plan(result: PlanResult) -> list[Any]:
             c.name, _params(c.size.total), c.placement, _gb(c.params_gb), _gb(c.grads_gb), _gb(c.optim_gb),
             _gb(c.working_gb), _gb(c.total_gb), _gb(c.deepspeed_gb),
         )  # fmt: skip
+    step = max((c.step_gb for c in r.components), default=0.0)
+    if step:
+        mem.add_row("optimizer step (transient)", "", "one engine at a time", "", "", "", "", _gb(step), "")
     mem.add_section()
     mem.add_row("model states", "", "", "", "", "", "", _gb(r.model_states_gb), "")
     a = r.activations

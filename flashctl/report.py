@@ -42,6 +42,7 @@ from flashctl.track import (
     EVAL_SPEEDUP,
     EVAL_SPEEDUP_DENOISE,
     KIND_GRID,
+    SAMPLE_ACC,
     TAG_CELL,
     TAG_FACTORS,
     TAG_GRID,
@@ -96,7 +97,7 @@ COLUMNS: tuple[Column, ...] = (
     Column(per_model("diversity", "colour", "entropy"), "colour entropy", "Diversity (open prompts)", "max", "ratio"),
     Column("train/time_s", "train time", "Cost", "min", "s"),
 )
-TRAIN_CURVES = ("train/loss_generator", "train/loss_critic")
+TRAIN_CURVES = ("train/loss_generator", "train/loss_critic", SAMPLE_ACC["t2i"], SAMPLE_ACC["edit"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -498,15 +499,21 @@ def training_curves(client, grid: GridRuns) -> dict[str, dict[str, list[tuple[in
 
 
 def training_plot(curves: dict[str, dict[str, list[tuple[int, float]]]]) -> bytes:
-    """Generator and critic loss vs step, one line per cell."""
+    """Generator and critic loss vs step, and the verifier's accuracy of the periodic student
+    samples (where logged), one line per cell: a recipe that destabilises shows as a drop."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
-    for ax, key in zip(axes, TRAIN_CURVES):
+    keys = [k for k in TRAIN_CURVES if any(k in c for c in curves.values())]
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.2 * len(keys), 3.6), squeeze=False)
+    for ax, key in zip(axes[0], keys):
         for label, c in curves.items():
             if key in c:
                 steps, vals = zip(*c[key])
-                ax.plot(steps, vals, label=label, linewidth=1.2)
-        ax.set_title(key.split("/", 1)[1].replace("_", " "), fontsize=11)
+                ax.plot(steps, vals, label=label, linewidth=1.2, marker="o" if key.startswith("samples/") else None,
+                        markersize=3)
+        title = key.split("/", 1)[1].replace("_", " ")
+        ax.set_title(f"periodic samples: {title}" if key.startswith("samples/") else title, fontsize=11)
+        if key.startswith("samples/"):
+            ax.set_ylim(0, 1.02)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -749,7 +756,8 @@ def render_html(grid: GridRuns, tables: Sequence[ResultTable], plots: dict[str, 
     if curves_png:
         parts.append('<h2 id="training">Training curves</h2>')
         parts.append(f"<figure>{_img(curves_png, 'training curves')}<figcaption>Generator (DMD) and critic "
-                     "(flow-matching) loss per cell.</figcaption></figure>")
+                     "(flow-matching) loss per cell, and the verifier's accuracy of the periodic student samples "
+                     "(distill.sample_every): a drop is instability.</figcaption></figure>")
     if qual:
         parts.append('<h2 id="qualitative">Qualitative comparison</h2>')
         parts.append('<p class="meta">Same eval prompts and seeds in every run: teacher first, then each '

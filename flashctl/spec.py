@@ -204,8 +204,10 @@ class TeacherSpec(_Model):
     """Norm rescale of the CFG output towards the conditional norm (0 = off, 1 = full)."""
     tasks: list[Task] = Field(default_factory=lambda: ["t2i", "edit"])
     """Tasks this teacher can serve (a specialised teacher lists one). Validation rejects a
-    spec whose guidance can pick a teacher for a task it does not list, and a known T2I-only
-    hub id (`Qwen/Qwen-Image`: no processor) that lists `edit`."""
+    spec whose guidance can pick a teacher for a task it does not list, and a teacher listing
+    `edit` whose pipeline cannot edit (its model_index.json has no processor, e.g.
+    `Qwen/Qwen-Image`; QwenImageEdit and QwenImageEditPlus pipelines can), see
+    `ExperimentSpec.edit_family_errors`."""
 
 
 class GuidanceSpec(_Model):
@@ -289,9 +291,21 @@ class DistillSpec(_Model):
     log_every: int = Field(5, ge=1)
     """Metric logging interval in generator steps."""
     sample_every: int = Field(100, ge=0)
-    """Interval of sample grids logged to MLflow (0 = off)."""
+    """Interval (generator steps) of the periodic student samples (0 = off): a grid of square
+    samples as an MLflow artifact, and the verifier's accuracy on them as the metrics
+    `samples/t2i_acc` / `samples/edit_acc` -- the report's training curves, where a recipe that
+    destabilises shows as a drop."""
+    sample_rows: int = Field(16, ge=1)
+    """Eval rows per task (the first of the seeded eval set) sampled at each `sample_every`."""
     seed: int = 0
     """Training seed."""
+    gan_weight: float = Field(0.0, ge=0.0)
+    """DMD2's GAN term (Yin et al. 2024), 0 = off. When > 0 the critic carries a classifier head
+    on its middle transformer block's image features; each critic update adds the logistic
+    discriminator loss (the batch's real target latents vs the student's samples, both noised
+    to the same level) and each generator update adds `gan_weight` x the non-saturating generator
+    loss softplus(-D(student sample)). The same weight scales the discriminator term in the
+    critic's loss. Needs target images in the data (every prepared shapes row has one)."""
     gradient_checkpointing: bool | None = None
     """Activation checkpointing of student and critic (recompute block activations in the
     backward pass: ~an order of magnitude less activation memory for one more forward).
@@ -563,10 +577,7 @@ class ExperimentSpec(_Model):
                         errors.append(f"teachers.{name}.tasks: {self.teachers[name].tasks} lacks {task!r}, but "
                                       f"guidance ({self.guidance.policy}) picks {name!r} for {task} samples "
                                       f"(mixture.{task} = {getattr(self.mixture, task):g})")
-            for name, t in self.teachers.items():
-                if "edit" in t.tasks and t.path in T2I_ONLY_MODELS:
-                    errors.append(f"teachers.{name}.tasks: {t.path} cannot edit (a T2I pipeline without "
-                                  "processor); use an edit pipeline such as Qwen/Qwen-Image-Edit-2509")
+            errors += self.edit_family_errors()
         if errors:
             raise ValueError("; ".join(errors))
         return self
@@ -580,6 +591,51 @@ class ExperimentSpec(_Model):
         terminal 0), computed here without torch so validation stays light."""
         s, n = self.distill.shift, self.distill.student_steps
         return [s * x / (1 + (s - 1) * x) for x in (1 - k / n for k in range(n))]
+
+    def edit_family_errors(self) -> list[str]:
+        """Problems with the teachers' pipeline families for edits (one line each), from their
+        model_index.json (`pipelines.pipeline_info`; a pipeline it cannot read without a
+        download is not judged here, the worker asks again once the files are there).
+
+        A teacher listing `edit` must be an edit pipeline (it ships a processor). And one edit
+        family per run: the base teacher's pipeline encodes the conditioning of every sample
+        (`models.adapter.FAMILIES`: QwenImageEdit and QwenImageEditPlus differ in template and
+        condition-image size), which student, critic and the picked teacher all see -- so a
+        teacher picked for edits must be of the base's edit family, and the base must be able
+        to edit when edits are drawn. Sharing one conditioning across families would feed a
+        teacher inputs it was not trained on; encoding per teacher would need one text-encoder
+        pass and one cache per family for the same DMD2 sample."""
+        from flashctl.pipelines import pipeline_info
+
+        info = {name: pipeline_info(t.path) for name, t in self.teachers.items()}
+        errors = []
+        for name, t in self.teachers.items():
+            i = info[name]
+            if "edit" in t.tasks and (t.path in T2I_ONLY_MODELS or (i is not None and not i[1])):
+                cls = i[0] if i is not None else "a T2I pipeline"
+                errors.append(f"teachers.{name}.tasks: {t.path} cannot edit ({cls} without processor); "
+                              "use an edit pipeline such as Qwen/Qwen-Image-Edit-2509")
+        picked = self.teachers_picked("edit")
+        base = self.guidance.base
+        if errors or not picked or base not in self.teachers:
+            return errors
+
+        def family(name: str) -> str | None:
+            i = info[name]
+            return None if i is None or not i[1] else (
+                "QwenImageEditPlusPipeline" if i[0] == "QwenImageEditPlusPipeline" else "QwenImageEditPipeline")
+
+        if info[base] is not None and not info[base][1]:
+            return [f"teachers.{base}.path: {self.teachers[base].path} ({info[base][0]}) cannot encode edit "
+                    f"conditioning, but the mixture draws edits (mixture.edit = {self.mixture.edit:g}) and the "
+                    "base teacher's pipeline encodes every sample's conditioning; use an edit pipeline as base"]
+        for name in picked:
+            if name != base and None not in (family(name), family(base)) and family(name) != family(base):
+                errors.append(f"teachers.{name}.path: {self.teachers[name].path} is a {family(name)}, but the base "
+                              f"teacher ({self.teachers[base].path}) is a {family(base)} and encodes the edit "
+                              "conditioning of every sample (one edit family per run: template and "
+                              "condition-image size differ)")
+        return errors
 
     def teachers_picked(self, task: str) -> list[str]:
         """Teachers the guidance policy can pick for the real score of `task` samples; none when

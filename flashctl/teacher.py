@@ -120,7 +120,7 @@ def train_teacher(spec: ExperimentSpec, console=None, resume: bool = True) -> di
     from flashctl.data.manifest import read_manifest
     from flashctl.models.adapter import QwenImageAdapter
     from flashctl.models.cache import encode_dataset, take
-    from flashctl.models.paths import resolve_model_path
+    from flashctl.pipelines import resolve_model_path
     from flashctl.track import make_tracker
 
     console = console or Console(stderr=True)

@@ -69,6 +69,10 @@ EVAL_SPEEDUP = eval_metric(None, "speedup")  # teacher / student seconds per ima
 EVAL_SPEEDUP_DENOISE = eval_metric(None, "speedup_denoise")  # the same, denoising loops alone
 EVAL_NFE_RATIO = eval_metric(None, "nfe_ratio")  # teacher / student network evaluations per image
 
+# Training-time accuracy of the periodic student samples (`distill.sample_every`, on the first
+# `distill.sample_rows` eval rows per task): the report's training curves, where instability shows.
+SAMPLE_ACC = {"t2i": "samples/t2i_acc", "edit": "samples/edit_acc"}
+
 
 def hash_tag(tags: dict[str, str]) -> str:
     """A run's spec hash: `flashctl.spec_hash`, or the bare `spec_hash` older jobs wrote."""

@@ -61,7 +61,7 @@ def test_data_composition_defaults_filter_categories_and_aspects(workdir):
     assert specs["text-centric"].data.categories == {"text": 1.0}
     assert set(specs["mixed-category"].data.categories) == {"object", "scene", "text"}
     assert specs["landscape-only"].data.aspects == {"landscape": 1.0}
-    assert specs["landscape+portrait"].data.aspects == {"landscape": 1.0, "portrait": 1.0}
+    assert specs["landscape-portrait"].data.aspects == {"landscape": 1.0, "portrait": 1.0}
     assert specs["portrait-only"].data.aspects == {"portrait": 1.0}
     assert len({c.spec_hash for c in grid.cells}) == 5
     assert grid.cells[0].name == "tiny-cpu-data-composition-text-centric"
@@ -69,7 +69,7 @@ def test_data_composition_defaults_filter_categories_and_aspects(workdir):
 
 def test_spec_ablations_replace_the_defaults(workdir):
     spec = workdir / "s.yaml"
-    spec.write_text(Path(TINY).read_text().split("ablations:")[0]
+    spec.write_text(Path(TINY).read_text()
                     + 'ablations:\n  task-mixture:\n    "8:2": {mixture.t2i: 8, mixture.edit: 2}\n'
                     + '    "1:1": {mixture.t2i: 1, mixture.edit: 1}\n')
     grid = plan_grid(spec, [], ["task-mixture"])
@@ -85,7 +85,7 @@ def test_levels_select_and_unknown_names_are_user_errors(workdir):
     with pytest.raises(UserError) as exc:
         plan_grid(TINY, [], ["task-mixture"], ["9:1", "3:7"])
     msg = str(exc.value)
-    assert "'3:7'" in msg and "9:1, 7:3, 5:5" in msg and "\n" not in msg
+    assert "'3:7'" in msg and "t2i-only, 9:1, 7:3, 5:5" in msg and "\n" not in msg
     with pytest.raises(UserError) as exc:
         plan_grid(TINY, [], ["task-mixtrue"])
     assert "'task-mixtrue'" in str(exc.value) and "data-composition, teacher-guidance, task-mixture" in str(exc.value)
@@ -93,11 +93,12 @@ def test_levels_select_and_unknown_names_are_user_errors(workdir):
 
 def test_two_factors_expand_to_the_cartesian_product(workdir):
     grid = plan_grid(TINY, ["distill.steps=7"], ["task-mixture", "teacher-guidance"])
-    assert len(grid.cells) == 9
-    assert len({c.spec_hash for c in grid.cells}) == 9
-    assert grid.cells[4].key == "task-mixture=7:3,teacher-guidance=specialised"
-    assert grid.cells[4].name == "tiny-cpu-task-mixture-7-3-teacher-guidance-specialised"
-    spec = load_spec(TINY, ["distill.steps=7"] + grid.cells[4].override_args())
+    assert len(grid.cells) == 4 * 5  # the paper's levels: t2i-only, 9:1, 7:3, 5:5 x five guidance levels
+    assert len({c.spec_hash for c in grid.cells}) == 20
+    assert grid.cells[11].key == "task-mixture=7:3,teacher-guidance=specialised"
+    assert grid.cells[11].name == "tiny-cpu-task-mixture-7-3-teacher-guidance-specialised"
+    assert load_spec(TINY, grid.cells[14].override_args()).guidance.steps == [0, 1]  # 7:3 x stepwise-01
+    spec = load_spec(TINY, ["distill.steps=7"] + grid.cells[11].override_args())
     assert (spec.mixture.t2i, spec.mixture.edit, spec.guidance.policy) == (7, 3, "specialised")
     # the grid id is a function of the cells: stable, and changed by a recipe override
     assert plan_grid(TINY, ["distill.steps=7"], ["task-mixture", "teacher-guidance"]).grid_id == grid.grid_id
@@ -110,10 +111,10 @@ def test_two_factors_expand_to_the_cartesian_product(workdir):
 
 def test_seeds_repeat_every_cell_with_its_own_training_seed(workdir):
     grid = plan_grid(TINY, ["distill.steps=7", "distill.seed=10"], ["task-mixture"], seeds=2)
-    assert grid.factors == ("task-mixture", "seed") and len(grid.cells) == 6
-    assert grid.cells[1].key == "task-mixture=9:1,seed=11"
+    assert grid.factors == ("task-mixture", "seed") and len(grid.cells) == 8
+    assert grid.cells[1].key == "task-mixture=t2i-only,seed=11"
     seeds = {load_spec(TINY, ["distill.steps=7", "distill.seed=10", *c.override_args()]).distill.seed for c in grid.cells}
-    assert seeds == {10, 11} and len({c.spec_hash for c in grid.cells}) == 6
+    assert seeds == {10, 11} and len({c.spec_hash for c in grid.cells}) == 8
     assert plan_grid(TINY, ["distill.steps=7"], ["task-mixture"]).grid_id != plan_grid(
         TINY, ["distill.steps=7"], ["task-mixture"], seeds=2).grid_id
     with pytest.raises(UserError, match="not a factor"):
@@ -140,8 +141,8 @@ def test_dry_run_prints_cells_and_commands_and_touches_nothing(workdir):
     for cell in grid.cells:
         assert cell.spec_hash in text
         assert f"run.name={cell.name}" in text
-    assert text.count("-m flashctl.cli distill") == 3
-    assert "mixture.t2i=9 mixture.edit=1" in text
+    assert text.count("-m flashctl.cli distill") == 4
+    assert "mixture.t2i=9 mixture.edit=1" in text and "mixture.t2i=1 mixture.edit=0" in text
     assert list(workdir.iterdir()) == []  # no mlflow.db, no runs/
 
 
@@ -235,7 +236,7 @@ def test_parallel_cells_through_a_server_lose_no_metric(workdir):
     flags = workdir / "flags"
     flags.mkdir()
     steps, keys = 150, 6  # each writer: 150 log_batch calls of 6 metrics, flushed every step
-    grid = plan_grid(TINY, [], ["task-mixture"])
+    grid = plan_grid(TINY, [], ["task-mixture"], ["9:1", "7:3", "5:5"])
     result = run_grid(grid, parallel=3, command_builder=worker_builder(flags, steps, keys),
                       console=quiet(), poll_s=0.1)
     assert result.ok, [(s.cell.key, s.status, s.log.read_text()[-2000:]) for s in result.cells]

@@ -70,7 +70,7 @@ def test_parallel_grid_of_real_jobs_then_report(tiny_world, tmp_path):
     """Three cells at once against one SQLite store (through the grid's mlflow server): one parent,
     three FINISHED children, no metric point lost, no "database is locked"; then `report`."""
     args, uri = _args(tiny_world, tmp_path)
-    res = run_cli(["ablate", SPEC, *args, "--factor", "task-mixture", "--parallel", "3"], cwd=tmp_path, env=NARROW,
+    res = run_cli(["ablate", SPEC, *args, "--factor", "task-mixture", "--levels", "9:1,7:3,5:5", "--parallel", "3"], cwd=tmp_path, env=NARROW,
                   timeout=1800)
     logs = "".join(p.read_text(errors="replace") for p in (tmp_path / "runs").glob("ablate-*/**/*.log"))
     assert res.returncode == 0, res.stderr[-4000:] + logs[-4000:]
@@ -131,7 +131,7 @@ def test_killed_grid_resumes_only_the_unfinished_cells(tiny_world, tmp_path):
     has started; `--resume` stops the orphaned second cell, leaves the finished one alone and
     runs the other two, and a second grid on the same cells is refused meanwhile."""
     args, uri = _args(tiny_world, tmp_path, "eval.enabled=false", "distill.steps=6")
-    cmd = [sys.executable, "-m", "flashctl.cli", "ablate", SPEC, *args, "--factor", "task-mixture"]
+    cmd = [sys.executable, "-m", "flashctl.cli", "ablate", SPEC, *args, "--factor", "task-mixture", "--levels", "9:1,7:3,5:5"]
     with open(tmp_path / "grid.log", "wb") as log:
         grid = subprocess.Popen(cmd, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                 env={**os.environ, **NARROW})
@@ -151,7 +151,7 @@ def test_killed_grid_resumes_only_the_unfinished_cells(tiny_world, tmp_path):
                 runs = mlflow.search_runs(experiment_names=["flashctl-tiny"])
                 first_done = bool(len(runs)) and "FINISHED" in set(runs["status"])
             second_started = any((tmp_path / "runs").glob("ablate-*/*task-mixture-7-3/spec.resolved.yaml"))
-        busy = run_cli(["ablate", SPEC, *args, "--factor", "task-mixture", "--resume"], cwd=tmp_path, env=NARROW)
+        busy = run_cli(["ablate", SPEC, *args, "--factor", "task-mixture", "--levels", "9:1,7:3,5:5", "--resume"], cwd=tmp_path, env=NARROW)
         assert busy.returncode == 1 and "is being run by another `flashctl ablate`" in busy.stderr, busy.stderr
         os.killpg(grid.pid, signal.SIGKILL)
     finally:
@@ -163,7 +163,7 @@ def test_killed_grid_resumes_only_the_unfinished_cells(tiny_world, tmp_path):
     assert before["9:1"]["status"] == "FINISHED" and before["7:3"]["status"] == "RUNNING"
     assert before["5:5"]["tags.flashctl.attempts"] == "0"
 
-    res = run_cli(["ablate", SPEC, *args, "--factor", "task-mixture", "--resume"], cwd=tmp_path, env=NARROW,
+    res = run_cli(["ablate", SPEC, *args, "--factor", "task-mixture", "--levels", "9:1,7:3,5:5", "--resume"], cwd=tmp_path, env=NARROW,
                   timeout=1800)
     assert res.returncode == 0, res.stderr[-4000:]
     assert "2 of 3 cells to run" in res.stderr

@@ -143,3 +143,34 @@ def test_a_cache_in_another_dtype_is_refused(prepared, tiny_world):
     gpu = load_spec(SPEC, [*_overrides(tiny_world), f"data.root={prepared['cached']}", "launch.device=cuda"])
     with pytest.raises(UserError, match="cached in float32, a launch.device=cuda run encodes in bfloat16"):
         cache_for_run(gpu)
+
+
+def test_cached_run_end_builds_no_text_encoder_on_the_device(prepared, tiny_world, tmp_path):
+    """The end of a run trained from the cache (issue 10 item 3 + 6): the export copies the text
+    encoder and VAE files without building them, and the evaluation loads them once, the text
+    encoder on the CPU (never on the rank's device at scale), the VAE on the rank's device."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")])
+    overrides = [*_overrides(tiny_world), f"data.root={prepared['cached']}", "data.cached_conditioning=true",
+                 "eval.enabled=true", "eval.n_t2i=1", "eval.n_edit=1", "eval.teacher_nfe=1", "eval.student_nfe=1",
+                 "eval.diversity_seeds=0", "eval.reuse_teacher=false", "distill.critic_updates=1"]
+    cmd = [sys.executable, str(TESTS / "family_job_worker.py"), "--out", str(tmp_path), "--rounds", "1", "--end",
+           SPEC, *overrides]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "result.json").read_text())
+    assert res["cached"] and (res["has_encoders"], res["encoder_loads"]) == (False, 0)
+    # export: nothing built, yet the folder is a whole pipeline with the teacher's encoder files
+    assert (res["export"]["has_encoders"], res["export"]["encoder_loads"]) == (False, 0)
+    assert res["export"]["model_index"]["_class_name"] == res["family"] == "QwenImageEditPipeline"
+    teacher = Path(tiny_world["teacher"])
+    for sub in ("text_encoder", "vae"):
+        for f in (teacher / sub).glob("*.safetensors"):
+            assert (tmp_path / "student" / sub / f.name).read_bytes() == f.read_bytes()
+    from diffusers import QwenImageEditPipeline
+
+    QwenImageEditPipeline.from_pretrained(tmp_path / "student")  # loads: model_index names every part
+    # evaluation: loaded once per rank, the text encoder on the CPU
+    ev = res["eval"]
+    assert ev["encoder_loads"] == 1 and ev["text_encoder_device"] == "cpu" and ev["vae_device"] == ev["device"]
+    assert "eval/student/t2i_acc" in ev["metrics"] and (tmp_path / "eval" / "results.json").is_file()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,15 +16,10 @@ import pytest
 from rich.console import Console
 
 from conftest import EXPERIMENTS, bash_n, run_cli
+from flashctl.system import free_port
 
 SPEC = str(EXPERIMENTS / "tiny-cpu.yaml")
 NARROW = {"COLUMNS": "40"}  # nothing may depend on the width: rich once wrapped piped output at 80
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _args(tiny_world, tmp_path: Path, *extra: str) -> tuple[list[str], str]:
@@ -58,7 +52,7 @@ def test_distill_dry_run_on_slurm_prints_a_valid_batch_script(tiny_world, tmp_pa
 
 def test_ablate_dry_run_on_slurm_prints_one_array_and_its_cells(tiny_world, tmp_path):
     args, uri = _args(tiny_world, tmp_path, "launch.backend=slurm", "launch.slurm.array_parallel=2")
-    res = run_cli(["ablate", SPEC, *args, "--factor", "task-mixture", "--dry-run"], cwd=tmp_path, env=NARROW)
+    res = run_cli(["ablate", SPEC, *args, "--factor", "task-mixture", "--levels", "9:1,7:3,5:5", "--dry-run"], cwd=tmp_path, env=NARROW)
     assert res.returncode == 0, res.stderr
     text = res.stdout
     script = text[text.index("#!/bin/bash"):text.rindex("\n# ")]
@@ -80,7 +74,7 @@ def test_ablate_dry_run_on_slurm_prints_one_array_and_its_cells(tiny_world, tmp_
 
 def _slurm_args(tiny_world, tmp_path: Path, *extra: str) -> tuple[list[str], str]:
     return _args(tiny_world, tmp_path, "launch.backend=slurm", "launch.slurm.time=00:30:00",
-                 f"launch.master_port={_free_port()}", *extra)
+                 f"launch.master_port={free_port()}", *extra)
 
 
 @pytest.mark.slow
@@ -119,7 +113,7 @@ def test_grid_on_slurm_runs_as_one_array(slurm_cluster, tiny_world, tmp_path, mo
     monkeypatch.chdir(tmp_path)
     args, uri = _slurm_args(tiny_world, tmp_path, "launch.slurm.cpus_per_task=1", "launch.slurm.array_parallel=2",
                             "eval.n_t2i=2", "eval.n_edit=2")
-    submitted = ablate(SPEC, args, ["task-mixture"], wait=False, console=Console(file=io.StringIO(), width=250))
+    submitted = ablate(SPEC, args, ["task-mixture"], ["9:1", "7:3", "5:5"], wait=False, console=Console(file=io.StringIO(), width=250))
     assert submitted.ok and [s.status for s in submitted.cells] == ["queued"] * 3
 
     mlflow.set_tracking_uri(uri)
@@ -127,7 +121,7 @@ def test_grid_on_slurm_runs_as_one_array(slurm_cluster, tiny_world, tmp_path, mo
     job = parent.data.tags["flashctl.slurm_array"]
     assert parent.info.status == "RUNNING"  # the grid is not over while its array runs
 
-    res = run_cli(["ablate", SPEC, *args, "--factor", "task-mixture", "--resume"], cwd=tmp_path, env=NARROW,
+    res = run_cli(["ablate", SPEC, *args, "--factor", "task-mixture", "--levels", "9:1,7:3,5:5", "--resume"], cwd=tmp_path, env=NARROW,
                   timeout=2400)
     assert res.returncode == 0, res.stderr[-4000:]
     assert f"Slurm array {job} of this grid is still active (3 cells in it): waiting for it" in res.stderr
@@ -162,7 +156,7 @@ def test_two_node_loopback_trains_the_real_worker(tiny_world, tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
     args, uri = _args(tiny_world, tmp_path, "launch.backend=hostfile", f"launch.hostfile={hostfile}",
-                      "launch.nnodes=2", "launch.nproc_per_node=1", f"launch.master_port={_free_port()}",
+                      "launch.nnodes=2", "launch.nproc_per_node=1", f"launch.master_port={free_port()}",
                       "run.name=two-nodes", "eval.enabled=false")
     env = {**os.environ, **NARROW}
     procs = []

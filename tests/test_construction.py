@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -18,20 +17,15 @@ import torch
 from conftest import EXPERIMENTS
 from flashctl.launch import local
 from flashctl.spec import ExperimentSpec
+from flashctl.system import free_port
 
 TESTS = Path(__file__).resolve().parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def built(tiny_world, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("construction")
-    spec = ExperimentSpec(launch={"nproc_per_node": 2, "master_port": _free_port()})
+    spec = ExperimentSpec(launch={"nproc_per_node": 2, "master_port": free_port()})
     overrides = [*tiny_world["spec_args"], "deepspeed.param_persistence_threshold=0", "guidance.policy=single",
                  "eval.enabled=false", "tracking.enabled=false", "distill.gradient_checkpointing=true"]
     cmd = local.launch_command(spec, "ds_construction_worker",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from conftest import EXPERIMENTS
@@ -83,3 +84,102 @@ def test_batched_cfg_equals_two_passes_on_a_real_qwen_transformer(tiny_world):
         ref_u = cond.velocity(adapter.transformer, x, sigma, uncond=True)
     assert torch.allclose(v_c, ref_c, atol=1e-5) and torch.allclose(v_u, ref_u, atol=1e-5)
     assert not torch.allclose(v_c, v_u, atol=1e-3)  # the prompt matters: the two halves are not one pass
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_gan_generator_term_reaches_the_student_sample_but_not_the_critic(tiny_world, checkpointing):
+    """The generator update's GAN term, carried through the critic's input only, gives the
+    student sample the gradient of dmd_loss + w * softplus(-D(x_tau)) taken directly, and leaves
+    no gradient on the critic (its head included); also under activation checkpointing, where
+    the head's features come out of a recomputed block."""
+    from diffusers import QwenImageTransformer2DModel
+
+    from flashctl.distill.gan import attach_head
+    from flashctl.models.adapter import QwenImageAdapter
+
+    adapter = QwenImageAdapter.from_pretrained(tiny_world["teacher"])
+    critic = QwenImageTransformer2DModel.from_pretrained(tiny_world["teacher"] / "transformer")
+    attach_head(critic, seed=0)
+    if checkpointing:
+        critic.enable_gradient_checkpointing()
+    teacher = dmd2.Teacher(QwenImageTransformer2DModel.from_pretrained(tiny_world["teacher"] / "transformer"), 2.5)
+    embeds, mask = adapter.encode_prompts(["a red circle", "a blue square"])
+    neg, neg_mask = adapter.encode_prompts(["", ""])
+    seq = (32 // (adapter.vae_scale_factor * 2)) ** 2
+
+    def velocity(model, x, sigma, e, m, h, w, src):
+        return adapter.velocity(model, x, sigma, e, m, h, w, src)
+
+    cond = dmd2.Conditioning(task="t2i", embeds=embeds, mask=mask, neg_embeds=neg, neg_mask=neg_mask,
+                             height=32, width=32, latent_shape=(seq, 4 * adapter.z_dim), velocity_fn=velocity)
+    x0 = torch.randn(2, seq, 4 * adapter.z_dim, generator=torch.Generator().manual_seed(0))
+    x = x0.clone().requires_grad_(True)
+    loss, stats = dmd2.generator_loss(x, cond, critic, teacher, torch.Generator().manual_seed(1), 0.02, 0.98,
+                                      gan_weight=0.5)
+    loss.backward()
+    assert all(p.grad is None for p in critic.parameters())
+    assert "gan_g" in stats
+
+    # the same loss with the GAN term differentiated straight through the critic
+    from flashctl.distill.gan import take_logits
+    from flashctl.flow import add_noise, sample_tau
+
+    g = torch.Generator().manual_seed(1)
+    tau = sample_tau(g, 2, 0.02, 0.98)
+    eps = torch.randn(x0.shape, generator=g)
+    y = x0.clone().requires_grad_(True)
+    ref, _ = dmd2.generator_loss(y, cond, critic, teacher, torch.Generator().manual_seed(1), 0.02, 0.98)
+    cond.velocity(critic, add_noise(y, eps, tau), tau)
+    gan_term = ob.gan_generator_loss(take_logits(critic))
+    (ref + 0.5 * gan_term).backward()
+    assert loss.item() == pytest.approx((ref + 0.5 * gan_term).item(), rel=1e-5)
+    assert torch.allclose(x.grad, y.grad, rtol=1e-4, atol=1e-8)
+    assert 0.5 * gan_term.item() > 0 and x.grad.abs().sum() > 0
+
+    # the critic's side: same draws as the plain critic loss, whose value its flow-matching term
+    # keeps (student half of the 2B forward); the discriminator term is weighted on top
+    real = torch.randn(x0.shape, generator=torch.Generator().manual_seed(2))
+    plain = dmd2.critic_loss(critic, cond, x0, torch.Generator().manual_seed(5))
+    both, st = dmd2.critic_gan_loss(critic, cond, x0, real, torch.Generator().manual_seed(5), 0.1)
+    assert st["flow_matching"] == pytest.approx(plain.item(), rel=1e-5)
+    assert both.item() == pytest.approx(plain.item() + 0.1 * st["gan_d"], rel=1e-5)
+    both.backward()
+    assert all(p.grad is not None for p in critic.gan_head.parameters())  # the head trains with the critic
+
+
+@pytest.mark.slow
+def test_gan_option_trains_the_critic_head_and_leaves_the_student_export_alone(tiny_world, tmp_path):
+    """`distill.gan_weight=0.1` on 2 ranks under ZeRO-3: the critic's classifier head is
+    partitioned and trained with the critic (its checkpointed weights left their seeded
+    initialisation), the GAN losses and discriminator accuracies are logged, and the exported
+    student is a plain Qwen-Image transformer (no head)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from conftest import run_cli
+    from flashctl.distill.checkpoint import export_fp32
+    from flashctl.distill.gan import CriticHead
+
+    args = ["distill", SPEC, *tiny_world["spec_args"], f"run.out_dir={tmp_path}/runs", "run.name=gan",
+            "distill.gan_weight=0.1", "distill.steps=2", "eval.enabled=false", "tracking.enabled=false"]
+    res = run_cli(args, cwd=tmp_path)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    run = tmp_path / "runs" / "gan"
+    last = json.loads((run / "summary.json").read_text())["last_metrics"]
+    for key in ("train/loss_gan_d", "train/loss_gan_g", "train/d_acc_real", "train/d_acc_fake"):
+        assert key in last and last[key] == last[key], key  # logged and not NaN
+    assert 0 < last["train/loss_gan_d"] < 10 and 0 <= last["train/d_acc_real"] <= 1
+
+    critic = load_file(export_fp32(run / "checkpoints", "critic", tmp_path / "critic.safetensors"))
+    trained = {k.removeprefix("gan_head."): v for k, v in critic.items() if k.startswith("gan_head.")}
+    cfg = json.loads((tiny_world["teacher"] / "transformer" / "config.json").read_text())
+    initial = CriticHead(cfg["num_attention_heads"] * cfg["attention_head_dim"], seed=0).state_dict()  # distill.seed
+    assert trained.keys() == initial.keys()
+    assert all(trained[k].shape == initial[k].shape for k in initial)
+    assert any(not torch.equal(trained[k], initial[k]) for k in initial), "the head did not train"
+
+    student = {}
+    for f in (run / "student" / "transformer").glob("*.safetensors"):
+        student.update(load_file(f))
+    assert student and not any("gan_head" in k for k in student)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import sys
 from pathlib import Path
 
@@ -19,8 +18,9 @@ from safetensors.torch import load_file
 from flashctl.distill import checkpoint as ck
 from flashctl.distill import engine as eng
 from flashctl.errors import UserError
-from flashctl.launch import local
+from flashctl.launch import COLLECTIVE_WARNING_FILTER, local
 from flashctl.spec import ExperimentSpec
+from flashctl.system import free_port
 
 TESTS = Path(__file__).resolve().parent
 
@@ -140,10 +140,13 @@ def test_env_for_cpu_job():
     assert env["DS_ACCELERATOR"] == "cpu"
     assert int(env["OMP_NUM_THREADS"]) >= 1
     assert env["MASTER_ADDR"] == "127.0.0.1" and env["MASTER_PORT"] == "29123"
-    assert env["PYTHONWARNINGS"] == "default," + local.COLLECTIVE_WARNING_FILTER
+    assert env["PYTHONWARNINGS"] == "default," + COLLECTIVE_WARNING_FILTER
+    assert env["TOKENIZERS_PARALLELISM"] == "false" and env["PYTHONUNBUFFERED"] == "1"
     assert env["PATH"] == "/bin"
     assert local.env_for(spec, base={"OMP_NUM_THREADS": "7"})["OMP_NUM_THREADS"] == "7"
     assert "DS_ACCELERATOR" not in local.env_for(spec_with(launch={"device": "cuda"}), base={})
+    # A `cpu` left over from a CPU session would keep DeepSpeed off the GPU.
+    assert "DS_ACCELERATOR" not in local.env_for(spec_with(launch={"device": "cuda"}), base={"DS_ACCELERATOR": "cpu"})
 
 
 def test_run_local_streams_and_logs(tmp_path, capfd):
@@ -213,15 +216,9 @@ def test_stop_request_catches_sigterm():
 # --- real 2-rank ZeRO-3 runs (torchrun + deepspeed launcher, CPU, gloo) ------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(out: Path, args: list[str], launcher: str = "torchrun", nproc: int = 2) -> None:
-    spec = spec_with(launch={"launcher": launcher, "nproc_per_node": nproc, "master_port": _free_port()})
-    cmd = local.launch_command(spec, "ds_worker_toy", ["--out", str(out), *args])
+    spec = spec_with(launch={"launcher": launcher, "nproc_per_node": nproc, "master_port": free_port()})
+    cmd = local.launch_command(spec, "sigterm_resume_worker", ["--out", str(out), *args])
     env = local.env_for(spec)
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")])
     out.mkdir(parents=True, exist_ok=True)
@@ -307,3 +304,16 @@ def test_a_run_never_compiles_the_comm_op_itself(tmp_path):
     assert "sum [1.0, 1.0, 1.0] 1" in proc.stdout
     assert "CPU comm op is not built" in proc.stderr and "allreduce goes through gloo" in proc.stderr
     assert not [p for p in cache.rglob("*") if p.is_file()]  # nothing was built, nothing locked
+
+
+def test_deepspeed_imported_before_the_cpu_accelerator_is_refused():
+    """DeepSpeed picks its accelerator once, at import: `select_accelerator` (what the engine and
+    the op builder call) says so plainly instead of a CUDA error deep inside DeepSpeed later."""
+    import subprocess
+
+    code = ("import deepspeed; from flashctl.distill.engine import init_distributed\n"
+            "try:\n    init_distributed('cpu')\nexcept RuntimeError as exc:\n    print(exc)")
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().endswith("deepspeed was imported before DS_ACCELERATOR=cpu was set")

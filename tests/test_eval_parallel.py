@@ -16,7 +16,7 @@ from PIL import Image
 @pytest.fixture(scope="module")
 def toy_adapter():
     from flashctl.models.adapter import QwenImageAdapter
-    from flashctl.models.paths import resolve_model_path
+    from flashctl.pipelines import resolve_model_path
 
     return QwenImageAdapter.from_pretrained(resolve_model_path("builtin:base"))
 
@@ -156,7 +156,7 @@ def test_the_teacher_is_evaluated_once_per_key_and_reused(toy_adapter, tmp_path)
 def test_teacher_cache_key_follows_the_teacher_and_eval_set_not_the_student():
     from conftest import EXPERIMENTS
     from flashctl.evaluate import eval_rows, teacher_cache_dir
-    from flashctl.models.paths import resolve_model_path
+    from flashctl.pipelines import resolve_model_path
     from flashctl.spec import load_spec
 
     teacher = resolve_model_path("builtin:base")

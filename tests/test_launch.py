@@ -7,7 +7,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,18 +19,13 @@ from flashctl.errors import UserError
 from flashctl.launch import hostfile as hf
 from flashctl.launch import slurm
 from flashctl.spec import ExperimentSpec, load_spec
+from flashctl.system import free_port
 
-TOY_WORKER = Path(__file__).with_name("ds_toy_worker.py")
+TOY_WORKER = Path(__file__).with_name("multinode_zero3_probe.py")
 
 
 def _spec(**launch) -> ExperimentSpec:
     return ExperimentSpec.model_validate({"run": {"name": "t"}, "launch": launch})
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,7 +169,7 @@ def run_two_node_loopback(
     data["launch"] = {
         **data.get("launch", {}),
         "backend": "hostfile", "hostfile": str(hostfile), "nnodes": 2, "nproc_per_node": 1,
-        "device": "cpu", "master_addr": "127.0.0.1", "master_port": _free_port(),
+        "device": "cpu", "master_addr": "127.0.0.1", "master_port": free_port(),
     }  # fmt: skip
     spec = ExperimentSpec.model_validate(data)
     run_dir = spec.run_dir()
@@ -234,7 +228,8 @@ def test_two_node_loopback_zero3_run(tmp_path, monkeypatch):
 def test_sbatch_for_the_gpu_spec(tmp_path):
     spec = load_spec(EXPERIMENTS / "qwen-image-flash.yaml", [f"run.out_dir={tmp_path}"])
     argv = [sys.executable, "-m", "flashctl.distill.worker", "--run-dir", str(spec.run_dir())]
-    script = slurm.render_sbatch(spec, spec.run_dir(), argv, {"MLFLOW_RUN_ID": "abc def"})
+    # a DS_ACCELERATOR=cpu left in the login shell must not keep the GPU job off its GPUs
+    script = slurm.render_sbatch(spec, spec.run_dir(), argv, {"MLFLOW_RUN_ID": "abc def", "DS_ACCELERATOR": "cpu"})
     bash_n(script, tmp_path)
     lines = script.splitlines()
     run_dir = spec.run_dir().resolve()
@@ -294,6 +289,8 @@ def test_sbatch_on_cpu_has_no_gpu_request_and_checks_gpu_counts(tmp_path):
     directives = [ln.split("=")[0] for ln in script.splitlines() if ln.startswith("#SBATCH")]
     assert not [d for d in directives if "gpu" in d or "gres" in d], directives
     assert "export DS_ACCELERATOR=cpu" in script and "--no-python bash -c true" in script
+    written = slurm.write_sbatch(spec, tmp_path, ["bash", "-c", "true"])
+    assert written == tmp_path / slurm.JOB_SCRIPT and os.access(written, os.X_OK) and written.read_text() == script
     bad = _spec(backend="slurm", device="cuda", nproc_per_node=8, slurm={"gpus_per_node": 4})
     with pytest.raises(UserError, match="launch.nproc_per_node: 8 ranks per node but launch.slurm.gpus_per_node is 4"):
         slurm.render_sbatch(bad, tmp_path, ["true"])
@@ -311,6 +308,7 @@ def test_array_script_and_cells_file(tmp_path):
     path = slurm.write_array(spec, CELLS, tmp_path / "grid", {"OUT": str(tmp_path)})
     script = path.read_text()
     bash_n(script, tmp_path)
+    assert os.access(path, os.X_OK)
     assert "#SBATCH --array=0-2%2" in script.splitlines()
     assert f"#SBATCH --output={(tmp_path / 'grid').resolve()}/logs/%A_%a.out" in script
     assert len((tmp_path / "grid" / slurm.CELLS_FILE).read_text().splitlines()) == 3
@@ -337,7 +335,7 @@ def test_submit_without_sbatch_names_it(tmp_path, monkeypatch):
 
 def _slurm_spec(**slurm_fields) -> ExperimentSpec:
     fields = {"cpus_per_task": 1, "time": "00:10:00", **slurm_fields}
-    return _spec(backend="slurm", device="cpu", nproc_per_node=2, master_port=_free_port(), slurm=fields)
+    return _spec(backend="slurm", device="cpu", nproc_per_node=2, master_port=free_port(), slurm=fields)
 
 
 @pytest.mark.slow

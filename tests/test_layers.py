@@ -2,9 +2,9 @@
 
 Floors, lowest first (design §7; issue 13):
 
-0. ground: errors, io, term, spec, yamlio, flow, system, progress, images, stats
+0. ground: errors, io, term, spec, yamlio, flow, system, progress, images, stats, findings, pipelines
 1. worlds and stores: shapes, data, models, track, mlflow_server
-2. jobs: distill, launch, evaluate, evaluate_cmd, teacher, plan
+2. jobs: distill, launch, evaluate, teacher, plan
 3. grids: ablate, report
 4. cli
 
@@ -25,9 +25,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "flashctl"
 
 FLOORS: dict[str, int] = {
     **dict.fromkeys(("errors", "io", "term", "spec", "yamlio", "flow", "system", "progress", "images",
-                     "stats", "findings", "__init__"), 0),
+                     "stats", "findings", "pipelines", "__init__"), 0),
     **dict.fromkeys(("shapes", "data", "models", "track", "mlflow_server"), 1),
-    **dict.fromkeys(("distill", "launch", "evaluate", "evaluate_cmd", "teacher", "plan"), 2),
+    **dict.fromkeys(("distill", "launch", "evaluate", "teacher", "plan"), 2),
     **dict.fromkeys(("ablate", "report"), 3),
     "cli": 4,
 }

@@ -178,6 +178,16 @@ def test_gan_losses_hand_values():
     assert logit.grad.item() == pytest.approx(-1.0, abs=1e-6)
 
 
+def test_with_gradient_carries_a_gradient_and_keeps_the_value():
+    # the GAN term's gradient, taken w.r.t. the critic's input, reaches the student's graph
+    x = T([1.0, 2.0]).requires_grad_(True)
+    y = 3.0 * x  # some graph upstream
+    s = ob.with_gradient(y, T([0.5, -1.0]), T(0.25))
+    assert s.item() == 0.25  # the logged value is the loss itself, not the surrogate
+    s.backward()
+    assert x.grad.tolist() == [1.5, -3.0]  # chain rule: 3 * [0.5, -1]
+
+
 def test_sample_tau_range_and_determinism():
     a = flow.sample_tau(torch.Generator().manual_seed(7), 1000, 0.02, 0.98)
     b = flow.sample_tau(torch.Generator().manual_seed(7), 1000, 0.02, 0.98)

@@ -85,7 +85,7 @@ def test_local_dry_run_through_a_pipe_ends_with_one_runnable_command(tiny_world,
 
 def test_ablate_dry_run_through_a_pipe_prints_every_cell_command_whole(tiny_world, long_dir):
     args = _args(tiny_world, long_dir)
-    res = run_cli(["ablate", SPEC, *args, "--factor", "task-mixture", "--dry-run"], cwd=long_dir, env=NARROW)
+    res = run_cli(["ablate", SPEC, *args, "--factor", "task-mixture", "--levels", "9:1,7:3,5:5", "--dry-run"], cwd=long_dir, env=NARROW)
     assert res.returncode == 0, res.stderr
     commands = [line for line in res.stdout.splitlines() if re.match(r"\[\d+\] ", line)]
     assert len(commands) == 3

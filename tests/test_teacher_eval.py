@@ -79,7 +79,7 @@ def test_evaluate_writes_images_results_and_a_table(tiny_world, tmp_path):
 @pytest.fixture(scope="module")
 def toy_adapter():
     from flashctl.models.adapter import QwenImageAdapter
-    from flashctl.models.paths import resolve_model_path
+    from flashctl.pipelines import resolve_model_path
 
     return QwenImageAdapter.from_pretrained(resolve_model_path("builtin:base"))
 

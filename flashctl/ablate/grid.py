@@ -40,16 +40,22 @@ DEFAULT_LEVELS: dict[str, dict[str, dict[str, Any]]] = {
         "text-centric": {"data.categories": {"text": 1.0}, "data.aspects": _ALL_ASPECTS},
         "mixed-category": {"data.categories": _ALL_CATEGORIES, "data.aspects": _ALL_ASPECTS},
         "landscape-only": {"data.categories": _ALL_CATEGORIES, "data.aspects": {"landscape": 1.0}},
-        "landscape+portrait": {"data.categories": _ALL_CATEGORIES,
+        "landscape-portrait": {"data.categories": _ALL_CATEGORIES,
                                "data.aspects": {"landscape": 1.0, "portrait": 1.0}},
         "portrait-only": {"data.categories": _ALL_CATEGORIES, "data.aspects": {"portrait": 1.0}},
     },
+    # The paper's policies, and the step sets of stepwise worth sweeping (which student steps
+    # take the specialised teacher: the last, the last two, the first two).
     "teacher-guidance": {
         "single": {"guidance.policy": "single"},
         "specialised": {"guidance.policy": "specialised"},
         "stepwise": {"guidance.policy": "stepwise"},
+        "stepwise-3": {"guidance.policy": "stepwise", "guidance.steps": [3]},
+        "stepwise-01": {"guidance.policy": "stepwise", "guidance.steps": [0, 1]},
     },
+    # t2i-only: the zero-shot edit student (distilled on T2I alone, evaluated on edits too).
     "task-mixture": {
+        "t2i-only": {"mixture.t2i": 1, "mixture.edit": 0},
         "9:1": {"mixture.t2i": 9, "mixture.edit": 1},
         "7:3": {"mixture.t2i": 7, "mixture.edit": 3},
         "5:5": {"mixture.t2i": 5, "mixture.edit": 5},

@@ -22,7 +22,8 @@ fly: the prompt through `QwenImageAdapter.encode_prompts` (edits: the edit templ
 source image), an edit's negative ("" with its source image), the edit source's packed latents
 at the reference size (`encode_sources`), and the target image's packed latents.
 
-The model is identified by `model_fingerprint`: a sha256 over the text encoder's, VAE's,
+The model is identified by `model_fingerprint`: a sha256 over the pipeline class (its family:
+QwenImageEdit and QwenImageEditPlus encode edits differently), the text encoder's, VAE's,
 tokenizer's and processor's file names, sizes, full config/tokenizer files and the first and
 last MiB of each weight file (cheap at 7B, and it tells apart two models of one architecture),
 plus the dtype. `distill` refuses a cache whose fingerprint differs from its base teacher's.
@@ -73,6 +74,12 @@ def model_fingerprint(path: str) -> str:
     checkpoints of one architecture differ (a fine-tune changes every tensor)."""
     root = local_model_dir(path)
     h = hashlib.sha256()
+    import json
+
+    try:  # the pipeline family: the same text encoder encodes edits otherwise per family
+        h.update(f"pipeline\0{json.loads((root / 'model_index.json').read_text()).get('_class_name')}\0".encode())
+    except (OSError, ValueError):
+        pass
     for sub in ("text_encoder", "vae", "tokenizer", "processor"):
         folder = root / sub
         if not folder.is_dir():
@@ -106,7 +113,7 @@ class CacheModel:
 
 def model_for_spec(spec: Any, dtype: str) -> CacheModel:
     """The `CacheModel` of `spec`'s base teacher (guidance.base) encoding in `dtype`."""
-    from flashctl.models.paths import resolve_model_path
+    from flashctl.pipelines import resolve_model_path
 
     path = resolve_model_path(spec.teachers[spec.guidance.base].path)
     return CacheModel(path, model_fingerprint(path), dtype, spec.model.edit_max_pixels)
@@ -276,7 +283,7 @@ def cache_for_run(spec: Any) -> dict[str, Any] | None:
             raise UserError(f"data.cached_conditioning: {spec.data.root} has no cached conditioning "
                             "(run `flashctl prepare-data SPEC --cache-embeddings`)")
         return None
-    from flashctl.models.paths import resolve_model_path
+    from flashctl.pipelines import resolve_model_path
 
     base = resolve_model_path(spec.teachers[spec.guidance.base].path)
     rec = cond["model"]

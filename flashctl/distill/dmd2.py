@@ -11,12 +11,13 @@ the task) is seeded by the global step, so all ranks run the same collectives un
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
 
 from flashctl import flow
+from flashctl.distill import gan
 from flashctl.distill import objectives as obj
 
 
@@ -34,6 +35,8 @@ class Conditioning:
     source_latents: torch.Tensor | None = None
     latent_shape: tuple[int, int] = (0, 0)
     """(sequence length, channels) of the packed noisy latents."""
+    target_latents: torch.Tensor | None = None
+    """The batch's real images as packed latents (B, seq, C): only DMD2's GAN term reads them."""
     velocity_fn: Callable[..., torch.Tensor] | None = field(default=None, repr=False)
 
     def velocity(self, model: Any, x_t: torch.Tensor, sigma: torch.Tensor, uncond: bool = False) -> torch.Tensor:
@@ -56,6 +59,13 @@ class Conditioning:
         v = self.velocity_fn(model, torch.cat([x_t, x_t]), torch.cat([sigma, sigma]), embeds, mask,
                              self.height, self.width, src)
         return v[:b], v[b:]
+
+    def doubled(self) -> "Conditioning":
+        """This conditioning for a batch of 2B made of two halves of B (e.g. fake and real
+        samples of the same prompts in one forward). Only `velocity` uses it."""
+        src = None if self.source_latents is None else torch.cat([self.source_latents, self.source_latents])
+        return replace(self, embeds=torch.cat([self.embeds, self.embeds]), mask=torch.cat([self.mask, self.mask]),
+                       source_latents=src)
 
     @property
     def batch(self) -> int:
@@ -128,6 +138,32 @@ def critic_loss(critic: Any, cond: Conditioning, x0: torch.Tensor, gen: torch.Ge
     return flow.flow_matching_loss(v, x0.detach(), eps)
 
 
+def critic_gan_loss(
+    critic: Any, cond: Conditioning, x0: torch.Tensor, real: torch.Tensor, gen: torch.Generator, gan_weight: float
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """`critic_loss` plus `gan_weight` x DMD2's discriminator loss, in one critic forward of 2B.
+
+    The detached student samples `x0` and the batch's real target latents `real` are noised to
+    the same levels t with the same noise (the same draws as `critic_loss`), so the classifier
+    head can tell them apart only by their clean content. The flow-matching term is on the
+    student half only, as without the GAN term; the head (and, through it, the critic's trunk)
+    learns real -> positive logit, student -> negative. Returns (loss, diagnostics)."""
+    b = x0.shape[0]
+    t = torch.rand(b, generator=gen).to(x0)
+    eps = torch.randn(x0.shape, generator=gen).to(x0)
+    x_t = flow.add_noise(x0.detach(), eps, t)
+    r_t = flow.add_noise(real.to(x0), eps, t)
+    v = cond.doubled().velocity(critic, torch.cat([x_t, r_t]), torch.cat([t, t]))
+    logits = gan.take_logits(critic)
+    fake_logits, real_logits = logits[:b], logits[b:]
+    fm = flow.flow_matching_loss(v[:b], x0.detach(), eps)
+    d_loss = obj.gan_discriminator_loss(real_logits, fake_logits)
+    stats = {"flow_matching": float(fm.detach()), "gan_d": float(d_loss.detach()),
+             "d_real_acc": float((real_logits.detach() > 0).float().mean()),
+             "d_fake_acc": float((fake_logits.detach() < 0).float().mean())}
+    return fm + gan_weight * d_loss, stats
+
+
 def generator_loss(
     x: torch.Tensor,
     cond: Conditioning,
@@ -139,19 +175,35 @@ def generator_loss(
     objective: str = "dmd2",
     tau_generator: torch.Generator | None = None,
     student_sigma: float = 1.0,
+    gan_weight: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Distribution-matching loss of a student sample `x` (with grad) and its diagnostics.
 
     `gen` draws the re-noising noise (may differ per rank); `tau_generator` (default `gen`)
     draws the re-noise levels. `student_sigma` is the input level of the student step that made
-    `x`; decoupled-DMD re-noises its CFG-augmentation term only below it (see below)."""
+    `x`; decoupled-DMD re-noises its CFG-augmentation term only below it (see below).
+
+    `gan_weight` > 0 adds DMD2's GAN term, `gan_weight` x softplus(-D(x_tau)), D the critic's
+    classifier head on the same re-noised sample: the one critic forward gives the fake score
+    and the logits. Its gradient reaches `x` through the critic's input only (`torch.autograd.grad`
+    w.r.t. that input): the critic's parameters get no gradient from the generator update."""
     b = x.shape[0]
     tgen = tau_generator or gen
     tau = flow.sample_tau(tgen, b, tau_min, tau_max).to(x)
     eps = torch.randn(x.shape, generator=gen).to(x)
     x_tau = flow.add_noise(x.detach(), eps, tau)
-    with torch.no_grad():
-        fake = flow.x0_from_velocity(x_tau, tau, cond.velocity(critic, x_tau, tau))
+    gan_extra: dict[str, float] = {}
+    if gan_weight > 0:
+        x_in = x_tau.clone().requires_grad_(True)
+        with torch.enable_grad():
+            v_fake = cond.velocity(critic, x_in, tau)
+            g_loss = obj.gan_generator_loss(gan.take_logits(critic))
+            (g_in,) = torch.autograd.grad(g_loss, x_in)
+        fake = flow.x0_from_velocity(x_tau, tau, v_fake.detach())
+        gan_extra = {"gan_g": float(g_loss.detach())}
+    else:
+        with torch.no_grad():
+            fake = flow.x0_from_velocity(x_tau, tau, cond.velocity(critic, x_tau, tau))
     if objective == "decoupled-dmd":
         # Liu et al. (arXiv 2511.22677) recommend: distribution matching over the full range
         # (tau above), the CFG-augmentation term re-noised only at levels below the student's
@@ -172,11 +224,14 @@ def generator_loss(
         grad = obj.dmd_gradient(x.detach(), fake, real)
         extra = {}
     loss = obj.dmd_loss(x, grad)
+    if gan_weight > 0:  # x_tau's gradient g_in, carried back to x through the noising (d x_tau / d x = 1 - tau)
+        loss = loss + gan_weight * obj.with_gradient(flow.add_noise(x, eps, tau), g_in, g_loss.detach())
     stats = {
         "dm_grad_norm": float(grad.flatten(1).norm(dim=1).mean()),
         "fake_real_gap": float((fake - real).abs().mean()),
         "tau_mean": float(tau.mean()),
         **extra,
+        **gan_extra,
     }
     return loss, stats
 

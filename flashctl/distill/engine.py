@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from flashctl.errors import UserError
+from flashctl.launch import select_accelerator
 from flashctl.spec import ExperimentSpec
 from flashctl.system import free_port
 
@@ -156,15 +157,12 @@ def init_distributed(device: Device) -> DistInfo:
     """Join (or, in a bare single process, create) the process group: gloo on CPU, nccl on CUDA.
 
     On CPU this sets ``DS_ACCELERATOR=cpu`` before deepspeed is imported; if deepspeed was
-    already imported with another accelerator that is an error (the choice is made once).
+    already imported with another accelerator that is an error (`flashctl.launch.select_accelerator`).
     A bare ``python`` start (no torchrun) becomes a 1-rank group on a free local port.
     """
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
-    if device == "cpu":
-        if "deepspeed" in sys.modules and os.environ.get("DS_ACCELERATOR") != "cpu":
-            raise RuntimeError("deepspeed was imported before DS_ACCELERATOR=cpu was set")
-        os.environ["DS_ACCELERATOR"] = "cpu"
+    select_accelerator(device)
     if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
         os.environ.update(
             RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())

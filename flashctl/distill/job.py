@@ -34,7 +34,7 @@ class PreparedRun:
 def check_inputs(spec: ExperimentSpec) -> None:
     """Fail before launching: data prepared, teachers resolvable, guidance consistent."""
     from flashctl.data.manifest import read_manifest
-    from flashctl.models.paths import resolve_model_path
+    from flashctl.pipelines import resolve_model_path
 
     if not (Path(spec.data.root) / "manifest.json").is_file():
         raise UserError(f"data.root: no prepared dataset at {spec.data.root} (run `flashctl prepare-data` first)")
@@ -141,11 +141,9 @@ def launch(spec: ExperimentSpec, prep: PreparedRun, console) -> None:
     from flashctl.launch.local import run_local
 
     if prep.script is not None:
-        from flashctl.launch.slurm import JOB_SCRIPT, submit
+        from flashctl.launch.slurm import save_sbatch, submit
 
-        path = prep.run_dir / JOB_SCRIPT
-        atomic_write_text(path, prep.script)
-        path.chmod(0o755)
+        path = save_sbatch(prep.run_dir, prep.script)
         job_id = submit(path)
         atomic_write_text(prep.run_dir / "slurm_job_id", job_id + "\n")
         console.print(f"[green]submitted[/green] Slurm job {job_id}: {path} (logs in {prep.run_dir}/slurm-{job_id}.out)",

@@ -85,6 +85,14 @@ def gan_discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor)
     return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
 
 
+def with_gradient(x: torch.Tensor, grad: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """A scalar equal to `value` whose gradient w.r.t. `x` is `grad`: sum((x - sg(x)) * sg(grad)) + sg(value).
+
+    Carries a gradient computed elsewhere (DMD2's GAN term: through the critic, w.r.t. the
+    critic's input only) back into `x`'s graph, while the logged loss stays the real one."""
+    return ((x - x.detach()) * grad.detach()).sum() + value.detach()
+
+
 def ca_tau_range(tau_min: float, tau_max: float, student_sigma: float) -> tuple[float, float]:
     """Decoupled-DMD's re-noise range of the CFG-augmentation term: [tau_min, min(tau_max, sigma_k)).
 

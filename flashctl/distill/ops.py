@@ -27,6 +27,8 @@ import os
 import sys
 import time
 
+from flashctl.launch import select_accelerator
+
 SHM_COMM = "ShareMemCommBuilder"
 CPU_ADAM = "CPUAdamBuilder"
 DESCRIPTIONS = {SHM_COMM: "CPU shared-memory comm op", CPU_ADAM: "CPUAdam"}
@@ -55,9 +57,7 @@ def shm_op_or_gloo() -> bool:
 
 
 def _builder(name: str):
-    if "deepspeed" in sys.modules and os.environ.get("DS_ACCELERATOR") != "cpu":
-        raise RuntimeError("deepspeed was imported before DS_ACCELERATOR=cpu was set")
-    os.environ["DS_ACCELERATOR"] = "cpu"
+    select_accelerator("cpu")
     import deepspeed.ops
     from deepspeed.accelerator import get_accelerator
 

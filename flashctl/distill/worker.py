@@ -43,8 +43,8 @@ class DistillJob:
         from flashctl.distill.engine import ds_config, freeze, frozen_config, make_engine, make_frozen_engine
         from flashctl.flow import student_sigmas
         from flashctl.models.adapter import QwenImageAdapter
-        from flashctl.models.paths import resolve_model_path
         from flashctl.models.weights import build_transformer
+        from flashctl.pipelines import resolve_model_path
 
         self.spec, self.run_dir, self.info = spec, run_dir, info
         self.rank, self.world = info.rank, info.world_size
@@ -80,10 +80,18 @@ class DistillJob:
             else:
                 frozen = freeze(build(self.teacher_paths[name], None))
             self.teachers[name] = Teacher(frozen, t.cfg_scale, t.cfg_rescale)
+        for problem in spec.edit_family_errors()[:1]:  # asked again now that hub files are local
+            from flashctl.errors import UserError
+
+            raise UserError(problem)
         init = spec.model.init_from  # a teacher's name or a pipeline path
         init_path = resolve_model_path(spec.teachers[init].path if init in spec.teachers else init)
         student = build(init_path, student_cfg if zero3 else None).train().requires_grad_(True)
         critic = build(base_path, critic_cfg if zero3 else None).train().requires_grad_(True)
+        if spec.distill.gan_weight > 0:  # DMD2's classifier head: part of the critic's engine, never the student's
+            from flashctl.distill.gan import attach_head
+
+            attach_head(critic, spec.distill.seed)
         self.student_config = dict(student.config)
         if spec.gradient_checkpointing():
             for model in (student, critic):
@@ -142,7 +150,27 @@ class DistillJob:
             return adapter.velocity(model, x_t, sigma, e, m, hh, ww, s, src_size).float()
 
         return Conditioning(task=task, embeds=embeds, mask=mask, neg_embeds=neg, neg_mask=neg_mask,
-                            height=h, width=w, source_latents=src, latent_shape=(seq, ch), velocity_fn=velocity)
+                            height=h, width=w, source_latents=src, latent_shape=(seq, ch), velocity_fn=velocity,
+                            target_latents=self._targets(batch) if self.spec.distill.gan_weight > 0 else None)
+
+    def _targets(self, batch):
+        """The batch's real images (T2I image / edit target) as packed latents, for DMD2's GAN
+        term: from the cache, or encoded by the VAE as prepare-data's cache encodes them."""
+        import torch
+
+        from flashctl.errors import UserError
+
+        if self.cache is not None:
+            lat = batch["cond"]["latents"]
+            missing = [i for i, x in zip(batch["ids"], lat) if x is None]
+        else:
+            missing = [i for i, has in zip(batch["ids"], batch["has_image"].tolist()) if not has]
+        if missing:
+            raise UserError(f"{self.spec.data.root}: row {missing[0]!r} has no target image, which "
+                            "distill.gan_weight > 0 needs (the GAN term's real samples)")
+        if self.cache is not None:
+            return torch.stack(lat).to(self.device, self.adapter.dtype)
+        return self.adapter.encode_images(batch["images"])
 
     def _cached(self, batch):
         """(embeds, mask, neg, neg_mask, source latents, source size) of a batch from the cache:
@@ -199,17 +227,23 @@ class DistillJob:
 
         return torch.randn((cond.batch, *cond.latent_shape), generator=local).to(self.device)
 
-    def critic_update(self, step: int, micro: int) -> float:
-        """One fake-score update: flow matching on a detached student sample (backward simulation)."""
+    def critic_update(self, step: int, micro: int) -> dict[str, float]:
+        """One fake-score update: flow matching on a detached student sample (backward simulation).
+        Returns {"loss": ...} and, with the GAN term, its diagnostics."""
         from flashctl.distill import dmd2
 
         _, local, task, k = self.draws(step, micro)
         cond = self.conditioning(task)
         x = dmd2.simulate_student(self.student, cond, self.sigmas, k, self._student_noise(cond, local), with_grad=False)
-        loss = dmd2.critic_loss(self.critic, cond, x, local)
+        stats = {}
+        if self.spec.distill.gan_weight > 0:  # + DMD2's discriminator loss, real images vs these samples
+            loss, stats = dmd2.critic_gan_loss(self.critic, cond, x, cond.target_latents, local,
+                                               self.spec.distill.gan_weight)
+        else:
+            loss = dmd2.critic_loss(self.critic, cond, x, local)
         self.critic.backward(loss)
         self.critic.step()
-        return loss.item()
+        return {"loss": loss.item(), **stats}
 
     def generator_update(self, step: int, micro: int) -> dict[str, Any]:
         """One student update: a sample with grad at student step k, the teacher the guidance
@@ -223,7 +257,7 @@ class DistillJob:
         x = dmd2.simulate_student(self.student, cond, self.sigmas, k, self._student_noise(cond, local), with_grad=True)
         loss, stats = dmd2.generator_loss(x, cond, self.critic, teacher, local, d.tau_min, d.tau_max,
                                           objective=d.objective, tau_generator=shared,
-                                          student_sigma=float(self.sigmas[k]))
+                                          student_sigma=float(self.sigmas[k]), gan_weight=d.gan_weight)
         self.student.backward(loss)
         self.student.step()
         return {"loss": loss.item(), "stats": stats, "task": task, "k": k, "teacher": name}
@@ -232,11 +266,17 @@ class DistillJob:
         """DMD2's two time scales: K critic updates, then one generator update (DMD: K = 1)."""
         d = self.spec.distill
         updates = 1 if d.objective == "dmd" else d.critic_updates  # DMD: no two-time-scale rule
-        critic_losses = [self.critic_update(step, micro) for micro in range(updates)]
+        critic = [self.critic_update(step, micro) for micro in range(updates)]
         gen = self.generator_update(step, micro=updates)
+        gan = {}
+        if d.gan_weight > 0:  # DMD2's GAN term: discriminator loss and accuracies (mean over the K updates)
+            gan = {f"train/{name}": sum(c[key] for c in critic) / len(critic) for name, key in
+                   (("loss_gan_d", "gan_d"), ("d_acc_real", "d_real_acc"), ("d_acc_fake", "d_fake_acc"))}
+            gan["train/loss_gan_g"] = gen["stats"]["gan_g"]
         return {
+            **gan,
             "train/loss_generator": gen["loss"],
-            "train/loss_critic": sum(critic_losses) / len(critic_losses),
+            "train/loss_critic": sum(c["loss"] for c in critic) / len(critic),
             "train/grad_norm_generator": _norm(self.student),
             "train/grad_norm_critic": _norm(self.critic),
             "train/lr_generator": self.student.get_lr()[0],
@@ -288,7 +328,10 @@ class DistillJob:
         partition no rank holds more than one submodule. The pipeline's scheduler is the
         student's own. The folder is moved into place complete (`save_components`), so its
         presence means a finished export. Returns the folder. The evaluation samples the
-        student engine itself on every rank (`_evaluate`), not a loaded-back copy."""
+        student engine itself on every rank (`_evaluate`), not a loaded-back copy. The folder's
+        pipeline class is the base's family (`adapter.family`: how its edits are conditioned).
+        Trained from cached conditioning, the text encoder and VAE are copied file by file from
+        the base pipeline (`save_components(copy_from=...)`): the export builds no encoder."""
         from flashctl.distill.engine import barrier
         from flashctl.models.export import save_components
         from flashctl.models.weights import DEFAULT_SHARD_BYTES, write_transformer
@@ -298,8 +341,13 @@ class DistillJob:
         out = self.run_dir / "student"
         if self.rank == 0:
             # the student's own scheduler (its training grid); the adapter keeps the teacher's
-            comps = {**self.adapter.components(), "scheduler": self.student_scheduler()}
-            save_components(comps, out, lambda folder: write_transformer(module, folder, self.dtype, shard))
+            held = self.adapter.has_encoders
+            comps = {**self.adapter.components(encoders=held), "scheduler": self.student_scheduler()}
+            from flashctl.data.conditioning import local_model_dir
+
+            save_components(comps, out, lambda folder: write_transformer(module, folder, self.dtype, shard),
+                            pipeline_class=self.adapter.family,
+                            copy_from=None if held else local_model_dir(self.adapter.source))
         else:
             write_transformer(module, None, self.dtype, shard)
         barrier()
@@ -478,11 +526,13 @@ def _evaluate(job: DistillJob, tracker, stop) -> dict[str, float] | None:
     and returns them (None on the other ranks). A stop signal is honoured between batches
     (`EvalStopped`, nothing written); a complete results.json from before a restart is reused."""
     from flashctl.evaluate import default_models, eval_rows, evaluate_models, open_rows, teacher_cache_dir
-    from flashctl.models.paths import resolve_model_path
+    from flashctl.pipelines import resolve_model_path
     from flashctl.progress import Phase, announce
 
     spec = job.spec
     teacher = job.base_teacher_replica()
+    if not job.adapter.has_encoders:  # trained from cached conditioning: see _eval_encoders
+        _eval_encoders(job)
     models = default_models(spec)
     models["student"].scheduler = job.student_scheduler()  # the teachers sample on their own schedule
     chosen = {"student": (job.student, models["student"]), "teacher": (teacher, models["teacher"]),
@@ -508,9 +558,24 @@ def _evaluate(job: DistillJob, tracker, stop) -> dict[str, float] | None:
         return None
     tracker.log_metrics(res["metrics"], spec.distill.steps)
     tracker.log_artifact(out / "results.json", "eval")
-    tracker.log_artifacts(out / "images", "eval/images")
+    from flashctl.track import EVAL_IMAGES
+
+    tracker.log_artifacts(out / "images", EVAL_IMAGES)
     _print_eval(res["metrics"], res.get("ranks"))
     return res["metrics"]
+
+
+def _eval_encoders(job: DistillJob) -> None:
+    """Encoders for the end-of-run evaluation of a run trained from cached conditioning.
+
+    The eval set is the shapes world's seeded `eval_rows`, not rows of the training shards, so
+    the cache has no conditioning for it, and every sample must be decoded by the VAE. Each
+    rank loads the encoders once (`adapter.load_encoders`), as the evaluation is data-parallel
+    and each rank encodes only its own batches: the VAE (small; it encodes edit sources and
+    decodes every image) on the rank's device, the text encoder (7B at scale) on the CPU, so
+    it never takes GPU memory beside the engines; its outputs move to the device per batch.
+    The export before it builds no encoder at all (`DistillJob.export`)."""
+    job.adapter.load_encoders(text_encoder_device="cpu")
 
 
 def _seconds(value: float | None) -> str:
@@ -520,29 +585,30 @@ def _seconds(value: float | None) -> str:
 def _print_eval(m: dict[str, float], ranks: list[dict[str, int]] | None = None) -> None:
     from rich.table import Table
 
+    from flashctl.shapes.diversity import KINDS
     from flashctl.term import human_console, show
+    from flashctl.track import EVAL_SPEEDUP, eval_metric
+
+    def get(*name: str) -> float:
+        return m.get(eval_metric(*name), float("nan"))
 
     table = Table(title="evaluation (verifier accuracy)")
     for col in ("model", "NFE", "T2I acc", "edit acc", "s/image"):
         table.add_column(col)
     for name in ("teacher", "teacher_fast", "student"):
-        if f"eval/{name}/nfe" in m:
-            table.add_row(name, f"{m[f'eval/{name}/nfe']:.0f}", f"{m.get(f'eval/{name}/t2i_acc', float('nan')):.3f}",
-                          f"{m.get(f'eval/{name}/edit_acc', float('nan')):.3f}",
-                          _seconds(m.get(f"eval/{name}/sec_per_image")))
+        if eval_metric(name, "nfe") in m:
+            table.add_row(name, f"{get(name, 'nfe'):.0f}", f"{get(name, 't2i_acc'):.3f}", f"{get(name, 'edit_acc'):.3f}",
+                          _seconds(m.get(eval_metric(name, "sec_per_image"))))
     console = human_console(stderr=True)
     show(console, table)
-    if "eval/speedup" in m:
-        console.print(
-            f"retention T2I {m.get('eval/retention/t2i', float('nan')):.2f}, edit "
-            f"{m.get('eval/retention/edit', float('nan')):.2f}; speed-up x{m['eval/speedup']:.1f}")
-    from flashctl.shapes.diversity import KINDS
-
+    if EVAL_SPEEDUP in m:
+        console.print(f"retention T2I {get('retention', 't2i'):.2f}, edit {get('retention', 'edit'):.2f}; "
+                      f"speed-up x{m[EVAL_SPEEDUP]:.1f}")
     for name in ("teacher", "teacher_fast", "student"):
-        parts = [f"{kind} H {m[f'eval/{name}/diversity/{kind}/entropy']:.2f} "
-                 f"(i.i.d. {m[f'eval/{name}/diversity/{kind}/entropy_ref']:.2f}), "
-                 f"TV {m[f'eval/{name}/diversity/{kind}/tv']:.2f} (i.i.d. {m[f'eval/{name}/diversity/{kind}/tv_ref']:.2f})"
-                 for kind in KINDS if f"eval/{name}/diversity/{kind}/entropy" in m]
+        parts = [f"{kind} H {get(name, 'diversity', kind, 'entropy'):.2f} "
+                 f"(i.i.d. {get(name, 'diversity', kind, 'entropy_ref'):.2f}), "
+                 f"TV {get(name, 'diversity', kind, 'tv'):.2f} (i.i.d. {get(name, 'diversity', kind, 'tv_ref'):.2f})"
+                 for kind in KINDS if eval_metric(name, "diversity", kind, "entropy") in m]
         if parts:
             console.print(f"diversity {name}: " + "; ".join(parts))
     if ranks and len(ranks) > 1:
@@ -551,8 +617,12 @@ def _print_eval(m: dict[str, float], ranks: list[dict[str, int]] | None = None) 
 
 
 def _log_samples(job: DistillJob, tracker, step: int) -> None:
-    """A small grid of student samples (all ranks sample: ZeRO-3 forwards are collectives)."""
-    from flashctl.evaluate import eval_rows, sample_rows
+    """Periodic student samples: the seeded eval set at `distill.sample_rows` rows per task,
+    sampled at the student's steps (all ranks sample: ZeRO-3 forwards are collectives), scored
+    by the verifier (`track.SAMPLE_ACC`: the training curves of accuracy) and a grid of the
+    square ones logged as an artifact."""
+    from flashctl.evaluate import eval_rows, sample_rows, score_images
+    from flashctl.track import SAMPLE_ACC
 
     if not job.adapter.has_encoders and job.device.type == "cuda":  # cached conditioning: keep them off the GPUs
         from flashctl.progress import announce
@@ -560,16 +630,24 @@ def _log_samples(job: DistillJob, tracker, step: int) -> None:
         announce(f"step {step}: samples skipped (trained from cached conditioning: no text encoder/VAE on the ranks)",
                  job.rank == 0)
         return
-    rows = [r for r in eval_rows(job.spec) if r["aspect"] == "square"][:8]
-    images, _ = sample_rows(job.adapter, job.student, rows, job.spec.distill.student_steps, 1.0, job.spec.eval.seed,
-                            batch=8, scheduler=job.student_scheduler())
+    ev = job.spec.eval
+    k = job.spec.distill.sample_rows
+    rows = eval_rows(job.spec.model_copy(update={"eval": ev.model_copy(
+        update={"n_t2i": min(k, ev.n_t2i), "n_edit": min(k, ev.n_edit)})}))
+    images, _ = sample_rows(job.adapter, job.student, rows, job.spec.distill.student_steps, 1.0, ev.seed,
+                            batch=16, scheduler=job.student_scheduler())
     if job.rank == 0:
         from flashctl.images import image_grid
 
-        path = job.run_dir / "samples" / f"step-{step:07d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        image_grid([images[r["id"]] for r in rows], cols=8).save(path)
-        tracker.log_artifact(path, "samples")
+        summary, _ = score_images(rows, images)
+        tracker.log_metrics({SAMPLE_ACC[t]: v["accuracy"] for t, v in summary.get("by_task", {}).items()
+                             if t in SAMPLE_ACC}, step)
+        square = [r for r in rows if r["aspect"] == "square"][:8]
+        if square:
+            path = job.run_dir / "samples" / f"step-{step:07d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            image_grid([images[r["id"]] for r in square], cols=len(square)).save(path)
+            tracker.log_artifact(path, "samples")
 
 
 def _flat_params(spec) -> dict[str, Any]:

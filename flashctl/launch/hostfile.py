@@ -23,7 +23,6 @@ would count NUMA nodes instead; a hostfile avoids that).
 from __future__ import annotations
 
 import ipaddress
-import os
 import re
 import shutil
 import sys
@@ -33,6 +32,7 @@ from pathlib import Path
 
 from flashctl.errors import UserError
 from flashctl.io import atomic_write_text
+from flashctl.launch import rank_env
 from flashctl.launch.local import env_for
 from flashctl.spec import ExperimentSpec
 from flashctl.track import resolve_uri
@@ -60,6 +60,7 @@ NODE_ENV_KEYS = (
     "TORCH_EXTENSIONS_DIR",
     "OMP_NUM_THREADS",
     "DS_ACCELERATOR",
+    "TOKENIZERS_PARALLELISM",
 )
 _NODE_ENV_PREFIXES = ("NCCL_", "GLOO_")
 
@@ -237,10 +238,11 @@ def node_env(spec: ExperimentSpec, base: Mapping[str, str] | None = None) -> dic
     """Variables the ranks on *other* nodes need, taken from `base` (default os.environ).
 
     MLflow (tracking URI, run id), Python path, Hugging Face cache / offline switches, torch
-    extension cache, threads, NCCL_* / GLOO_* and, on CPU, DS_ACCELERATOR=cpu. A relative
-    `sqlite:` tracking URI from the spec is made absolute (remote ranks start elsewhere).
+    extension cache, threads, NCCL_* / GLOO_* and `flashctl.launch.rank_env`'s accelerator and
+    switches. A relative `sqlite:` tracking URI from the spec is made absolute (remote ranks
+    start elsewhere).
     """
-    env = dict(os.environ if base is None else base)
+    env = rank_env(spec.launch.device, None, base)
     out: dict[str, str] = {}
     for key in NODE_ENV_KEYS:
         if key in env:
@@ -250,8 +252,6 @@ def node_env(spec: ExperimentSpec, base: Mapping[str, str] | None = None) -> dic
             out[key] = value
     if spec.tracking.enabled and "MLFLOW_TRACKING_URI" not in out:
         out["MLFLOW_TRACKING_URI"] = resolve_uri(spec.tracking.uri)
-    if spec.launch.device == "cpu":
-        out["DS_ACCELERATOR"] = "cpu"
     return out
 
 

@@ -15,10 +15,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from flashctl.errors import UserError
+from flashctl.launch import rank_env
 from flashctl.spec import ExperimentSpec
-
-# torch >= 2.10 emits a FutureWarning from this module on every collective on every rank.
-COLLECTIVE_WARNING_FILTER = "ignore::FutureWarning:torch.distributed.c10d_logger"
 
 
 def torchrun_command(spec: ExperimentSpec, worker_module: str, args: list[str], node_rank: int = 0) -> list[str]:
@@ -78,24 +76,12 @@ def _cores() -> int:
 
 
 def env_for(spec: ExperimentSpec, base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Environment of the launched job: accelerator, threads per rank, rendezvous, warnings.
-
-    On CPU: DS_ACCELERATOR=cpu and OMP_NUM_THREADS = cores // ranks (at least 1), so 2 ranks
-    on 2 cores do not oversubscribe. An OMP_NUM_THREADS already set in `base` is kept.
-    """
-    env = dict(os.environ if base is None else base)
+    """Environment of the launched job: `flashctl.launch.rank_env` (accelerator, threads,
+    warnings) with this machine's cores shared by its ranks, plus the rendezvous address."""
     launch = spec.launch
-    if launch.device == "cpu":
-        env["DS_ACCELERATOR"] = "cpu"
-        env.setdefault("OMP_NUM_THREADS", str(max(1, _cores() // launch.nproc_per_node)))
-    elif env.get("DS_ACCELERATOR") == "cpu":
-        del env["DS_ACCELERATOR"]  # left over from a CPU session: DeepSpeed would not use the GPU
-    warn = env.get("PYTHONWARNINGS", "")
-    if COLLECTIVE_WARNING_FILTER not in warn.split(","):
-        env["PYTHONWARNINGS"] = ",".join(w for w in (warn, COLLECTIVE_WARNING_FILTER) if w)
+    env = rank_env(launch.device, _cores() // launch.nproc_per_node, base)
     env["MASTER_ADDR"] = launch.master_addr
     env["MASTER_PORT"] = str(launch.master_port)
-    env["PYTHONUNBUFFERED"] = "1"
     return env
 
 

@@ -40,6 +40,7 @@ from pathlib import Path
 
 from flashctl.errors import UserError
 from flashctl.io import atomic_write_text
+from flashctl.launch import rank_env
 from flashctl.spec import ExperimentSpec
 
 ROUND_ALLOWANCE_S = 120
@@ -192,12 +193,10 @@ def _worker_args_for_torchrun(argv: Sequence[str]) -> list[str]:
     return ["--no-python", *argv]
 
 
-def _default_env(spec: ExperimentSpec) -> dict[str, str]:
-    env = {"PYTHONUNBUFFERED": "1"}
-    if spec.launch.device == "cpu":
-        env["DS_ACCELERATOR"] = "cpu"
-        env["OMP_NUM_THREADS"] = str(max(1, spec.launch.slurm.cpus_per_task // spec.launch.nproc_per_node))
-    return env
+def _rank_env(spec: ExperimentSpec, env: Mapping[str, str] | None) -> dict[str, str]:
+    """`env` plus `flashctl.launch.rank_env`, the task's CPUs shared by the node's ranks."""
+    launch = spec.launch
+    return rank_env(launch.device, launch.slurm.cpus_per_task // launch.nproc_per_node, env or {})
 
 
 _TERM_TRAP = """\
@@ -239,15 +238,15 @@ def render_sbatch(
     `command_argv` is what every rank runs (e.g. `[python, -m, flashctl.distill.worker,
     --run-dir, RUN]`); it is started by `srun` (one task per node) + `torchrun --nnodes
     $SLURM_NNODES --nproc_per_node N --rdzv_backend c10d --rdzv_endpoint $MASTER_ADDR:PORT`.
-    `env` is exported in the script (use `hostfile.node_env(spec)`); on CPU DS_ACCELERATOR=cpu
-    and OMP_NUM_THREADS are added. Logs go to RUN/slurm-%j.out/.err. No GPU request on CPU.
+    `env` is exported in the script (use `hostfile.node_env(spec)`) with `flashctl.launch.rank_env`
+    added (on CPU DS_ACCELERATOR=cpu and OMP_NUM_THREADS). Logs go to RUN/slurm-%j.out/.err. No GPU request on CPU.
     """
     run_dir = Path(run_dir).resolve()
     launch = spec.launch
     lead = signal_lead_s(spec)
     lines = _sbatch_header(spec, _job_name(spec.run.name), run_dir / "slurm-%j.out", run_dir / "slurm-%j.err", lead)
     lines += ["", "set -uo pipefail", f"cd {shlex.quote(str(Path.cwd()))}"]
-    lines += _exports({**_default_env(spec), **dict(env or {})})
+    lines += _exports(_rank_env(spec, env))
     cpus = f"--cpus-per-task={launch.slurm.cpus_per_task}"
     # The shell expands the $VARIABLES of the torchrun options; the rank command is quoted as is.
     torchrun = [
@@ -334,7 +333,7 @@ def render_array(
                            signal_lead_s(spec))
     lines.insert(2, f"#SBATCH --array=0-{n - 1}%{par}")
     lines += ["", "set -uo pipefail", f"cd {shlex.quote(str(Path.cwd()))}"]
-    lines += _exports({**_default_env(spec), **dict(env or {})})
+    lines += _exports(_rank_env(spec, env))
     lines += [
         f"CELLS={shlex.quote(str(cells_file))}",
         'LINE="$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" "$CELLS")"',
@@ -359,9 +358,14 @@ def write_sbatch(
     spec: ExperimentSpec, run_dir: str | Path, command_argv: Sequence[str], env: Mapping[str, str] | None = None
 ) -> Path:
     """Write `RUN/slurm.sbatch` (`render_sbatch`) and return its path."""
+    return save_sbatch(run_dir, render_sbatch(spec, run_dir, command_argv, env))
+
+
+def save_sbatch(run_dir: str | Path, script: str) -> Path:
+    """Write a rendered job script as `RUN/slurm.sbatch`, executable, atomically (a script cut
+    short by a crash is never submitted); return its path."""
     path = Path(run_dir) / JOB_SCRIPT
-    atomic_write_text(path, render_sbatch(spec, run_dir, command_argv, env))
-    path.chmod(0o755)
+    atomic_write_text(path, script, executable=True)
     return path
 
 
@@ -377,8 +381,7 @@ def write_array(
     script = render_array(spec, cells, grid_dir, env)
     atomic_write_text(grid_dir / CELLS_FILE, cells_file_text(cells))
     path = grid_dir / ARRAY_SCRIPT
-    atomic_write_text(path, script)
-    path.chmod(0o755)
+    atomic_write_text(path, script, executable=True)
     return path
 
 
@@ -506,7 +509,7 @@ def _held_model_paths(spec: ExperimentSpec) -> dict[str, str]:
 
 def hub_models(spec: ExperimentSpec) -> list[str]:
     """Hub ids among the models the worker loads (not `builtin:` names, not local folders)."""
-    from flashctl.models.paths import resolve_model_path
+    from flashctl.pipelines import resolve_model_path
 
     out = []
     for path in _held_model_paths(spec).values():

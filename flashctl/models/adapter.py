@@ -24,7 +24,20 @@ from PIL import Image
 from flashctl import flow  # the one home of the flow-matching maths
 from flashctl.errors import UserError
 
-_FULL_AREA = 1024 * 1024  # the edit pipelines' hard-coded reference area
+_FULL_AREA = 1024 * 1024  # the edit pipelines' hard-coded reference area (EditPlus: VAE_IMAGE_SIZE)
+_CONDITION_AREA = 384 * 384  # EditPlus's CONDITION_IMAGE_SIZE: the image its text encoder sees
+
+T2I_FAMILY, EDIT_FAMILY, EDIT_PLUS_FAMILY = "QwenImagePipeline", "QwenImageEditPipeline", "QwenImageEditPlusPipeline"
+FAMILIES = (T2I_FAMILY, EDIT_FAMILY, EDIT_PLUS_FAMILY)
+"""Pipeline families (model_index.json `_class_name`) whose conditioning the adapter encodes.
+
+They share the T2I template and the VAE geometry; they differ in edit conditioning:
+`QwenImageEditPipeline` puts one source image, resized to ~1 MPix, into its template
+(`<|vision_start|><|image_pad|><|vision_end|>{prompt}`); `QwenImageEditPlusPipeline`
+(Qwen-Image-Edit-2509) prefixes `Picture 1: <|vision_start|>...` to the prompt and gives the text
+encoder the source at ~384x384 (CONDITION_IMAGE_SIZE) while the VAE gets it at ~1 MPix
+(VAE_IMAGE_SIZE). Both drop the same 64 template tokens, pack the source latents the same way
+and append them after the noisy tokens with `img_shapes` [target, source]."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -58,24 +71,43 @@ def reference_size(width: int, height: int, max_pixels: int | None, multiple: in
     return capped_dimensions(max_pixels, width / height, multiple)
 
 
-def cap_edit_pipeline(pipe: Any, max_pixels: int) -> Any:
-    """Cap the reference-image area of a diffusers `QwenImageEditPipeline` to `max_pixels`.
+def condition_size(width: int, height: int, max_pixels: int | None, multiple: int) -> tuple[int, int]:
+    """(width, height) `QwenImageEditPlusPipeline` gives its text encoder for a `width` x
+    `height` source: ~384x384 (CONDITION_IMAGE_SIZE), rounded to 32 like the pipeline. Under a
+    cap below 1 MPix (CPU scale) the area shrinks by the same factor as the VAE image's
+    (max_pixels / 1 MPix), so the condition image stays smaller than the reference, as at scale."""
+    if max_pixels is None or max_pixels >= _FULL_AREA:
+        from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as mod
 
-    The pipeline hard-codes `calculate_dimensions(1024 * 1024, ratio)` (30-60 s per call on a
+        calc = getattr(mod, "_flashctl_uncapped_calculate_dimensions", mod.calculate_dimensions)
+        w, h = calc(mod.CONDITION_IMAGE_SIZE, width / height)[:2]
+        return int(w), int(h)
+    return capped_dimensions(max_pixels * _CONDITION_AREA / _FULL_AREA, width / height, multiple)
+
+
+def cap_edit_pipeline(pipe: Any, max_pixels: int) -> Any:
+    """Cap the reference-image area of a diffusers `QwenImageEditPipeline` (or
+    `QwenImageEditPlusPipeline`) to `max_pixels`.
+
+    The pipelines hard-code `calculate_dimensions(1024 * 1024, ratio)` (30-60 s per call on a
     CPU); there is no argument for it, so this replaces that module function with the capped
-    rule of `reference_size`. It affects every QwenImageEditPipeline in the process (the
+    rules of `reference_size` (and, for EditPlus, `condition_size`: its condition-image area
+    is scaled by the same factor). It affects every pipeline of that class in the process (the
     function is module-global); calling it again replaces the cap. Returns `pipe`.
     """
     module = sys.modules[type(pipe).__module__]
-    if not hasattr(module, "calculate_dimensions") or hasattr(module, "VAE_IMAGE_SIZE"):
-        raise ValueError(f"cap_edit_pipeline supports QwenImageEditPipeline, not {type(pipe).__name__}")
+    plus = hasattr(module, "VAE_IMAGE_SIZE") and hasattr(module, "CONDITION_IMAGE_SIZE")
+    if not hasattr(module, "calculate_dimensions") or (hasattr(module, "VAE_IMAGE_SIZE") and not plus):
+        raise ValueError(f"cap_edit_pipeline supports the Qwen-Image edit pipelines, not {type(pipe).__name__}")
     original = getattr(module, "_flashctl_uncapped_calculate_dimensions", module.calculate_dimensions)
     module._flashctl_uncapped_calculate_dimensions = original
     multiple = pipe.vae_scale_factor * 2
 
-    def calculate_dimensions(target_area: float, ratio: float) -> tuple[int, int, None]:
-        if target_area <= max_pixels:
+    def calculate_dimensions(target_area: float, ratio: float) -> tuple:
+        if max_pixels >= _FULL_AREA or (not plus and target_area <= max_pixels):
             return original(target_area, ratio)
+        if plus:  # VAE_IMAGE_SIZE and the literal 1024 * 1024 -> max_pixels; CONDITION_IMAGE_SIZE scaled alike
+            return capped_dimensions(target_area * max_pixels / _FULL_AREA, ratio, multiple)
         return (*capped_dimensions(max_pixels, ratio, multiple), None)
 
     module.calculate_dimensions = calculate_dimensions
@@ -112,6 +144,7 @@ def _load_components(path: str, dtype: torch.dtype, transformer: bool = True, en
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{path}: cannot load a diffusers pipeline ({first})") from None
     comps = dict(pipe.components)
+    comps["pipeline_class"] = type(pipe).__name__  # the family: how edits are conditioned
     if vae_config is not None:
         comps["vae_config"] = vae_config
     needed = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")[0 if transformer else 1:]
@@ -150,7 +183,8 @@ class QwenImageAdapter:
 
     Attributes: `transformer` (the pipeline's own, e.g. the teacher), `vae`, `text_encoder`,
     `tokenizer`, `processor` (None for T2I-only pipelines), `scheduler` (its config defines the
-    sampling schedule), `device`, `dtype`, `edit_max_pixels`.
+    sampling schedule), `device`, `dtype`, `edit_max_pixels`, `family` (one of `FAMILIES`:
+    the pipeline class of model_index.json, which decides how edits are conditioned).
 
     `vae` and `text_encoder` are None when loaded with `encoders=False` (training from cached
     conditioning); whatever then needs them (encoding, decoding, `components()`, `sample`)
@@ -164,8 +198,14 @@ class QwenImageAdapter:
         dtype: torch.dtype = torch.float32,
         edit_max_pixels: int | None = 64 * 64,
         source: str = "<components>",
+        family: str | None = None,
     ):
         self.device = torch.device(device)
+        # explicit > the loaded folder's class > by processor (an unknown class: conditioned like that)
+        family = family or components.get("pipeline_class")
+        if family not in FAMILIES:
+            family = EDIT_FAMILY if components.get("processor") is not None else T2I_FAMILY
+        self.family: str = family
         self.dtype = dtype
         self.edit_max_pixels = edit_max_pixels
         self.source = source
@@ -173,6 +213,8 @@ class QwenImageAdapter:
         self.transformer = (_to(components["transformer"], self.device, dtype)
                             if components.get("transformer") is not None else None)
         self.vae = self.text_encoder = None
+        self.text_encoder_device = self.device
+        self.encoder_loads = 0  # loads by `load_encoders` (a cached run: none while training)
         self.tokenizer = components["tokenizer"]
         self.processor = components.get("processor")
         self.scheduler = components["scheduler"]
@@ -187,21 +229,24 @@ class QwenImageAdapter:
         self.z_dim: int = vae_config["z_dim"]
 
     def _build_pipes(self) -> None:
-        from diffusers import QwenImageEditPipeline, QwenImagePipeline
+        from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline, QwenImagePipeline
 
         t2i = {"scheduler": self.scheduler, "vae": self.vae, "text_encoder": self.text_encoder,
                "tokenizer": self.tokenizer, "transformer": self.transformer}
         # The pipelines are used as libraries of the official code (templates, encoding,
         # packing, pre/post-processing); their denoising loop is not run here.
         self.t2i_pipe = QwenImagePipeline(**t2i)
-        self.edit_pipe = QwenImageEditPipeline(**t2i, processor=self.processor) if self.processor else None
+        edit_cls = QwenImageEditPlusPipeline if self.family == EDIT_PLUS_FAMILY else QwenImageEditPipeline
+        self.edit_pipe = edit_cls(**t2i, processor=self.processor) if self.processor else None
         for p in (self.t2i_pipe, self.edit_pipe):
             if p is not None:
                 p.set_progress_bar_config(disable=True)
 
-    def _set_encoders(self, vae: torch.nn.Module, text_encoder: torch.nn.Module) -> None:
+    def _set_encoders(self, vae: torch.nn.Module, text_encoder: torch.nn.Module,
+                      text_encoder_device: torch.device | None = None) -> None:
+        self.text_encoder_device = torch.device(text_encoder_device or self.device)
         self.vae = _to(vae, self.device, self.dtype).eval().requires_grad_(False)
-        self.text_encoder = _to(text_encoder, self.device, self.dtype).eval().requires_grad_(False)
+        self.text_encoder = _to(text_encoder, self.text_encoder_device, self.dtype).eval().requires_grad_(False)
         self._build_pipes()
 
     @property
@@ -209,17 +254,23 @@ class QwenImageAdapter:
         """Whether the text encoder and VAE are loaded (False after `encoders=False` until first use)."""
         return self.vae is not None and self.text_encoder is not None
 
-    def load_encoders(self) -> None:
+    def load_encoders(self, text_encoder_device: str | torch.device | None = None) -> None:
         """Load the text encoder and VAE from `source` if they are not loaded (see the class doc).
 
-        Lazy by design: a run trained from cached conditioning holds neither on its ranks; the
-        export (rank 0) and the evaluation load them only when they get there."""
+        Lazy by design: a run trained from cached conditioning holds neither on its ranks. The
+        export needs neither (it copies their files, `save_components(copy_from=...)`); the
+        end-of-run evaluation calls this once with `text_encoder_device="cpu"`: the VAE (small,
+        it decodes every sample) goes to `device`, the text encoder stays in host memory and
+        its outputs are moved to `device` (`text_encoder_device`). `encoder_loads` counts the
+        loads done here."""
         if self.has_encoders:
             return
-        print(f"flashctl: loading the text encoder and VAE of {self.source} (not held while training "
+        where = f" (text encoder on {text_encoder_device})" if text_encoder_device is not None else ""
+        print(f"flashctl: loading the text encoder and VAE of {self.source}{where} (not held while training "
               "from cached conditioning)", file=sys.stderr, flush=True)
         comps = _load_components(self.source, self.dtype, transformer=False)
-        self._set_encoders(comps["vae"], comps["text_encoder"])
+        self.encoder_loads += 1
+        self._set_encoders(comps["vae"], comps["text_encoder"], text_encoder_device)
 
     @classmethod
     def from_pretrained(
@@ -240,11 +291,13 @@ class QwenImageAdapter:
         worker trains from conditioning cached by `prepare-data --cache-embeddings`, and at
         20B the ~7B text encoder does not belong on the training GPUs (design §5)."""
         comps = _load_components(str(path), dtype, transformer=transformer, encoders=encoders)
-        return cls(comps, device, dtype, edit_max_pixels, source=str(path))
+        return cls(comps, device, dtype, edit_max_pixels, source=str(path), family=comps["pipeline_class"])
 
-    def components(self, transformer: torch.nn.Module | None = None) -> dict[str, Any]:
-        """Pipeline components (with `transformer` swapped in when given)."""
-        self.load_encoders()
+    def components(self, transformer: torch.nn.Module | None = None, encoders: bool = True) -> dict[str, Any]:
+        """Pipeline components (with `transformer` swapped in when given). `encoders=False`:
+        the text encoder and VAE as held (None when not loaded), never loaded for this."""
+        if encoders:
+            self.load_encoders()
         comps = {
             "transformer": transformer if transformer is not None else self.transformer,
             "vae": self.vae,
@@ -279,27 +332,57 @@ class QwenImageAdapter:
         pipe = self._need_edit()
         return [pipe.image_processor.resize(im.convert("RGB"), h, w) for im in images], (h, w)
 
+    def condition_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) of the source image the text encoder sees for an edit: the reference
+        size for `QwenImageEditPipeline`, ~384x384 area for `QwenImageEditPlusPipeline`
+        (module `condition_size`; both capped by edit_max_pixels)."""
+        if self.family == EDIT_PLUS_FAMILY:
+            return condition_size(width, height, self.edit_max_pixels, self.vae_scale_factor * 2)
+        return self.reference_size(width, height)
+
+    def condition_images(self, images: list[Image.Image]) -> list[Image.Image]:
+        """Edit sources as this family's text encoder gets them (RGB, `condition_size`)."""
+        if self.family != EDIT_PLUS_FAMILY:
+            return self.prepare_sources(images)[0]
+        pipe = self._need_edit()
+        out = []
+        for im in images:  # EditPlus resizes each source from the original, by its own ratio
+            w, h = self.condition_size(*im.size)
+            out.append(pipe.image_processor.resize(im.convert("RGB"), h, w))
+        return out
+
     @torch.no_grad()
     def encode_prompts(
         self, prompts: list[str], source_images: list[Image.Image] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Text(+image) conditioning through the pipelines' own `encode_prompt`.
 
-        T2I prompts use the T2I template; with `source_images` the edit template and the
-        (reference-sized) source image are encoded. "" is the unconditional prompt for CFG.
-        Returns (embeds (B, L, D), mask (B, L) long; 0 marks padding)."""
+        T2I prompts use the T2I template (every family); with `source_images` the family's edit
+        template and condition image (`condition_images`) are encoded. EditPlus is encoded one
+        row at a time: its template numbers the images of one prompt ("Picture 1: ..."), so a
+        batched call would give every prompt all the batch's pictures; rows are then padded
+        like a batch (`cat_conditioning`). "" is the unconditional prompt for CFG.
+        Returns (embeds (B, L, D), mask (B, L) long; 0 marks padding) on `device`."""
         self.load_encoders()
         prompts = list(prompts)
+        dev = self.text_encoder_device
         if source_images is None:
-            embeds, mask = self.t2i_pipe.encode_prompt(prompts, device=self.device)
+            embeds, mask = self.t2i_pipe.encode_prompt(prompts, device=dev)
         else:
             if len(source_images) != len(prompts):
                 raise ValueError(f"{len(prompts)} prompts but {len(source_images)} source images")
-            images, _ = self.prepare_sources(list(source_images))
-            embeds, mask = self._need_edit().encode_prompt(prompts, image=images, device=self.device)
+            images = self.condition_images(list(source_images))
+            if self.family == EDIT_PLUS_FAMILY:
+                parts = []
+                for p, im in zip(prompts, images):
+                    e, m = self._need_edit().encode_prompt([p], image=[im], device=dev)
+                    parts.append((e, m if m is not None else torch.ones(e.shape[:2], dtype=torch.long, device=e.device)))
+                embeds, mask = cat_conditioning(parts)
+            else:
+                embeds, mask = self._need_edit().encode_prompt(prompts, image=images, device=dev)
         if mask is None:
             mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
-        return embeds.to(self.dtype), mask
+        return embeds.to(self.device, self.dtype), mask.to(self.device)
 
     # -------------------------------------------------------------------------------- latents
 
@@ -540,9 +623,10 @@ class QwenImageAdapter:
                       write_transformer: Any = None) -> Path:
         """Write a diffusers pipeline folder (safetensors) with `transformer` (default: this
         adapter's). `QwenImagePipeline.from_pretrained(out_dir)` loads it, and so does
-        `QwenImageEditPipeline` when the adapter has a processor. Replaces `out_dir` atomically.
+        the adapter's edit family (`family`, named in model_index.json) when it has a processor.
+        Replaces `out_dir` atomically.
         `write_transformer(folder)` writes the transformer subfolder instead (see
         `export.save_components`)."""
         from flashctl.models.export import save_components
 
-        return save_components(self.components(transformer), out_dir, write_transformer)
+        return save_components(self.components(transformer), out_dir, write_transformer, pipeline_class=self.family)

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from flashctl.shapes.scene import Scene
+from flashctl.track import eval_metric
 
 KINDS = ("cell", "colour", "background")
 """Attribute kinds reported (the suffix of the realised-value names: "obj0.cell" -> "cell")."""
@@ -176,7 +177,7 @@ def flat_metrics(name: str, summary: Mapping[str, Any]) -> dict[str, float]:
     m: dict[str, float] = {}
     for kind in KINDS:
         for key, value in summary.get(kind, {}).items():
-            m[f"eval/{name}/diversity/{kind}/{key}"] = float(value)
+            m[eval_metric(name, "diversity", kind, key)] = float(value)
     if "valid" in summary:
-        m[f"eval/{name}/diversity/valid"] = float(summary["valid"])
+        m[eval_metric(name, "diversity", "valid")] = float(summary["valid"])
     return m

@@ -1,4 +1,5 @@
-"""Toy DeepSpeed ZeRO-3 worker for tests/test_engine.py (run under torchrun, CPU, gloo).
+"""Toy DeepSpeed ZeRO-3 worker for tests/test_engine.py (run under torchrun, CPU, gloo): proves that
+a run stopped by SIGTERM and resumed from its checkpoint ends bit-for-bit where an uninterrupted one does.
 
 Trains a small MLP to match a frozen, ZeRO-3-partitioned "teacher" MLP; resumes from the
 latest complete checkpoint; stops cleanly on SIGTERM (rank 0 can send itself one with

@@ -1,6 +1,7 @@
-"""A tiny DeepSpeed ZeRO-3 worker for launcher tests (stands in for flashctl.distill.worker).
+"""A tiny DeepSpeed ZeRO-3 worker for launcher tests (stands in for flashctl.distill.worker): probes
+that a multi-node launch reaches every rank with its environment, its partition and the same weights.
 
-    python ds_toy_worker.py --run-dir DIR [--steps N]
+    python multinode_zero3_probe.py --run-dir DIR [--steps N]
 
 Trains a small MLP for a few steps with ZeRO-3 (gloo on the CPU accelerator, torch AdamW) and
 writes DIR/result-rank{R}.json: rank, world size, node rank, losses, the number of parameter
