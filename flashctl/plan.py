@@ -385,12 +385,15 @@ def trainable_memory(
 
 
 def frozen_memory(
-    name: str, role: str, size: ModelSize, precision: str, world: int, partitioned: bool, offload_param: bool = False
+    name: str, role: str, size: ModelSize, precision: str, world: int, partitioned: bool, offload_param: bool = False,
+    within: str = "",
 ) -> ComponentMemory:
-    """Memory of a frozen model: parameters only, partitioned over `world` GPUs or replicated."""
+    """Memory of a frozen model: parameters only, partitioned over `world` GPUs or replicated.
+    `world` is the partition group's size: all ranks, or one node's (`within` = " per node", shown
+    in the placement) for teachers with `deepspeed.teacher_shard: node`."""
     w = _bytes_per_param(precision)
     if partitioned:
-        params, working, placement = w * size.total / world, w * size.largest_layer, f"ZeRO-3 /{world}"
+        params, working, placement = w * size.total / world, w * size.largest_layer, f"ZeRO-3 /{world}{within}"
     else:
         params, working, placement = float(w * size.total), 0.0, "replicated"
     offloaded = 0.0
@@ -594,9 +597,11 @@ def _components(
         )
         for name in ("student", "critic")
     ]  # fmt: skip
+    shard = spec.teacher_shard_ranks()  # deepspeed.teacher_shard: all ranks, or one node's
     for name, size in teacher_sizes.items():
         comps.append(
-            frozen_memory(f"teacher {name}", "teacher", size, ds.precision, world, partition_teachers, offload_param)
+            frozen_memory(f"teacher {name}", "teacher", size, ds.precision, shard, partition_teachers, offload_param,
+                          " per node" if shard < world else "")
         )
     for role in ("text_encoder", "vae"):
         if role in sizes:
@@ -676,6 +681,15 @@ def plan(spec: ExperimentSpec, teacher_placement: str | None = None) -> PlanResu
     if partition:
         repl = sum(_bytes_per_param(ds.precision) * s.total for s in teacher_sizes.values()) / GB
         notes.append(f"teachers replicated instead of partitioned would need {repl:.3g} GiB per GPU")
+        if launch.nnodes > 1:  # the other deepspeed.teacher_shard, teachers' parameters only
+            node = ds.teacher_shard == "node"
+            other = launch.nproc_per_node * (launch.nnodes if node else 1)
+            notes.append(
+                f"teachers sharded {'over all ' + str(other) + ' GPUs' if node else 'within each node'} "
+                f"(deepspeed.teacher_shard={'world' if node else 'node'}) would hold {repl / other:.3g} GiB "
+                f"of teacher parameters per GPU instead of {repl / spec.teacher_shard_ranks():.3g}"
+                + ("" if node else "; their forward all-gathers would stay inside the node")
+            )
     if "text_encoder" in sizes:
         notes.append(f"text encoder and VAE are held in {ADAPTER_PRECISION} on every rank; the text encoder row "
                      "can be dropped if prompt embeddings are cached")

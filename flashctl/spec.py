@@ -376,6 +376,14 @@ class DeepSpeedSpec(_Model):
     reduce_bucket_size: int | None = Field(None, ge=1)
     """ZeRO `reduce_bucket_size` (elements per gradient reduce). None: DeepSpeed's default
     (500,000,000)."""
+    teacher_shard: Literal["world", "node"] = "world"
+    """Ranks each partitioned frozen teacher (CUDA, ZeRO-3) is split over. `world`: all ranks (least
+    memory: teacher / world size per GPU, but every teacher forward all-gathers ~(nnodes-1)/nnodes
+    of its weights over the inter-node network). `node`: the ranks of one node, each node holding
+    a whole copy (teacher / GPUs per node per GPU; the forwards' all-gathers stay on NVLink). A
+    teacher has no gradients or optimizer states to spread wider, so on multi-node GPU jobs `node`
+    is the faster choice whenever `flashctl plan` shows it fits; the default stays `world` because
+    with few GPUs per node `node` can exceed a GPU. Same thing on one node."""
 
 
 class SlurmSpec(_Model):
@@ -666,6 +674,12 @@ class ExperimentSpec(_Model):
         """Whether the worker holds frozen teachers as ZeRO-3 partitioned engines (CUDA, stage 3)
         rather than plain replicas; `plan` counts the same placement."""
         return self.launch.device == "cuda" and self.deepspeed.zero_stage == 3
+
+    def teacher_shard_ranks(self) -> int:
+        """Ranks one partitioned teacher is split over (`deepspeed.teacher_shard`): the world
+        size, or the ranks per node; `plan` divides by it, the worker builds the same groups."""
+        per_node = self.launch.nproc_per_node
+        return per_node if self.deepspeed.teacher_shard == "node" else per_node * self.launch.nnodes
 
     def teachers_held(self) -> list[str]:
         """Teachers the distillation worker loads (frozen), base first: the one decision that

@@ -221,6 +221,28 @@ def test_two_node_loopback_zero3_run(tmp_path, monkeypatch):
     assert (run_dir / ".deepspeed_env").is_file()
 
 
+@pytest.mark.slow
+def test_two_node_loopback_teacher_shard_node_keeps_a_whole_teacher_per_node(tiny_world, tmp_path, monkeypatch):
+    """`deepspeed.teacher_shard`: on 2 nodes x 1 rank, a frozen ZeRO-3 teacher built within its node
+    holds all its parameters on the node's one rank, over the world half of them; both give the
+    same forward, bit for bit (the gathered weights are the same files' tensors)."""
+    monkeypatch.chdir(tmp_path)
+    run_dir = tmp_path / "runs" / "loopback"
+    args = ["--run-dir", str(run_dir), "--steps", "0", "--teacher", str(tiny_world["teacher"])]
+    run_two_node_loopback(tmp_path, str(TOY_WORKER), args)
+    results = [json.loads((run_dir / f"result-rank{r}.json").read_text())["teacher"] for r in (0, 1)]
+    for r in results:
+        node, world = r["node"], r["world"]
+        assert (node["group_size"], world["group_size"]) == (1, 2)
+        assert node["full_numel"] == world["full_numel"] > 10_000
+        assert node["local_numel"] == node["full_numel"]  # the whole teacher on the node's rank
+        # over the world: half, plus at most one element of padding per tensor
+        assert world["full_numel"] / 2 <= world["local_numel"] <= world["full_numel"] / 2 + world["tensors"]
+        assert node["output"] == world["output"] and any(v != 0 for v in node["output"])
+        assert r["node_gather"]["output"] == node["output"]  # filled by each node's own rank 0
+    assert results[0]["node"]["output"] == results[1]["node"]["output"]
+
+
 # --------------------------------------------------------------------------------------------
 # Slurm scripts
 

@@ -70,7 +70,8 @@ def test_bf16_zero3_rows_count_what_the_engine_holds_and_fit_only_with_checkpoin
     # the worker's adapter holds the text encoder and VAE in fp32 on every rank: 4 bytes/param
     te = _row(result, "text encoder")
     assert te.placement == "replicated" and te.total_gb * 1024**3 == pytest.approx(4 * te.size.total)
-    assert _row(result, "teacher base").placement == "ZeRO-3 /64"
+    # the example spec shards its frozen teachers within a node (deepspeed.teacher_shard: node)
+    assert _row(result, "teacher base").placement == "ZeRO-3 /8 per node"
     assert not result.fits and result.fits_ckpt
     assert result.activations.checkpointed_gb < result.activations.full_gb / 5
     # CPU optimizer offload is listed; it removes gradients + optimizer states from the GPU.
@@ -82,8 +83,12 @@ def test_bf16_zero3_rows_count_what_the_engine_holds_and_fit_only_with_checkpoin
 def test_zero3_param_memory_shrinks_with_gpus_and_replicated_parts_do_not():
     one = plan(load_spec(QWEN, ["launch.nnodes=1"]))
     eight = plan(load_spec(QWEN, ["launch.nnodes=8"]))
-    for name in ("student", "teacher base"):
-        assert _row(one, name).params_gb / _row(eight, name).params_gb == pytest.approx(8.0)
+    assert _row(one, "student").params_gb / _row(eight, "student").params_gb == pytest.approx(8.0)
+    # teachers sharded within a node (the example spec) do not shrink with nodes; over the world they do
+    assert _row(one, "teacher base").params_gb == _row(eight, "teacher base").params_gb
+    world = ["deepspeed.teacher_shard=world"]
+    assert _row(plan(load_spec(QWEN, ["launch.nnodes=1", *world])), "teacher base").params_gb / _row(
+        plan(load_spec(QWEN, ["launch.nnodes=8", *world])), "teacher base").params_gb == pytest.approx(8.0)
     assert _row(one, "text encoder").params_gb == _row(eight, "text encoder").params_gb
     # ZeRO-2: 16-bit parameters replicated, only gradients and optimizer states partitioned.
     z2 = plan(load_spec(QWEN, ["deepspeed.zero_stage=2"]))
@@ -200,3 +205,33 @@ def test_zero3_bf16_formula_by_hand_for_a_small_config():
     fp32 = trainable_memory("critic", size, 3, "fp32", 2, 1, device="cpu")
     assert (fp32.params_gb, fp32.grads_gb, fp32.optim_gb) == pytest.approx(
         (4 * 500 / 1024**3, 4 * 500 / 1024**3, 8 * 500 / 1024**3))  # no master copy in fp32
+
+
+def test_teacher_shard_divides_teachers_by_the_node_or_the_world_by_hand():
+    """`deepspeed.teacher_shard`: a partitioned teacher holds 1/(GPUs per node) per GPU under `node`,
+    1/(all GPUs) under `world`; student and critic are over the world either way."""
+    from flashctl.plan import ModelSize, frozen_memory
+
+    size = ModelSize(total=1000, largest_layer=100, source="hand")
+    row = frozen_memory("teacher base", "teacher", size, "bf16", 4, True, within=" per node")
+    assert row.params_gb * 1024**3 == 2 * 1000 / 4  # bf16 partition over the node's 4 GPUs
+    assert row.working_gb * 1024**3 == 2 * 100  # one gathered layer
+    assert row.placement == "ZeRO-3 /4 per node"
+
+    n = model_size(QWEN_IMAGE_TRANSFORMER, "transformer", "t").total
+    launch = ["launch.nnodes=4", "launch.nproc_per_node=4", "launch.slurm.gpus_per_node=4"]
+    node = plan(load_spec(QWEN, [*launch, "deepspeed.teacher_shard=node"]))
+    world = plan(load_spec(QWEN, [*launch, "deepspeed.teacher_shard=world"]))
+    for result, shard, label in ((node, 4, "ZeRO-3 /4 per node"), (world, 16, "ZeRO-3 /16")):
+        for name in ("teacher base", "teacher t2i"):
+            assert _row(result, name).params_gb * 1024**3 == pytest.approx(2 * n / shard)
+            assert _row(result, name).placement == label
+        assert _row(result, "student").params_gb * 1024**3 == pytest.approx(2 * n / 16)
+    # node minus world = the two teachers' extra partitions: 2 teachers x 2 B x n x (1/4 - 1/16)
+    extra = (node.model_states_gb - world.model_states_gb) * 1024**3
+    assert extra == pytest.approx(2 * 2 * n * (1 / 4 - 1 / 16))
+    assert any("deepspeed.teacher_shard=world" in note and "GiB" in note for note in node.notes)
+    assert any("deepspeed.teacher_shard=node" in note for note in world.notes)
+    one_node = load_spec(QWEN, ["launch.nnodes=1", "deepspeed.teacher_shard=node"])
+    one_world = load_spec(QWEN, ["launch.nnodes=1", "deepspeed.teacher_shard=world"])
+    assert one_node.teacher_shard_ranks() == 8 == one_world.teacher_shard_ranks()  # one node: the same

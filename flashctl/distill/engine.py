@@ -193,6 +193,41 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+def node_group():
+    """This rank's node as a process group, for frozen teachers partitioned within a node
+    (`deepspeed.teacher_shard: node`); None when the whole job is one node (use the world).
+
+    A collective: every rank learns every rank's node and creates every node's group, in one
+    order (torch requires each `new_group` on all ranks). The node is the launcher's node rank
+    (torchrun's GROUP_RANK, DeepSpeed's CROSS_RANK: two loopback "nodes" on one host count as
+    two), else the host name. Ranks are grouped by that key, not assumed contiguous.
+
+    Not ZeRO++ hpZ (`zero_hpz_partition_size`): hpZ keeps the primary partition over the world
+    and adds a secondary copy per node (DeepSpeed 0.19: made at every re-partition, gathered from
+    once it exists; its docs sell it for the backward gathers of trained weights), so a frozen
+    teacher would cost teacher/world + teacher/node per GPU and its first forward still crosses
+    nodes. A frozen model has no gradients or optimizer states to spread over the world, so a
+    node-sized partition group gives the intra-node gathers for teacher/node alone.
+    """
+    import socket
+
+    dist = torch.distributed
+    key = os.environ.get("GROUP_RANK") or os.environ.get("CROSS_RANK") or socket.gethostname()
+    keys: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(keys, key)
+    nodes: dict[str, list[int]] = {}
+    for rank, k in enumerate(keys):
+        nodes.setdefault(str(k), []).append(rank)
+    if len(nodes) == 1:
+        return None
+    mine = None
+    for ranks in sorted(nodes.values()):
+        group = dist.new_group(ranks)
+        if dist.get_rank() in ranks:
+            mine = group
+    return mine
+
+
 # --------------------------------------------------------------------------------------------
 # Engines
 

@@ -32,7 +32,8 @@ class DistillJob:
     rank ever holds an unpartitioned copy; student and critic start from the files of their
     teacher, not from an in-memory copy, and the adapter holds no transformer of its own.
     `partition_teachers` (default: on CUDA under ZeRO-3) makes the frozen teachers ZeRO-3
-    engines; otherwise they are plain replicas in the training dtype (tiny CPU scale only).
+    engines, over all ranks or, with `deepspeed.teacher_shard: node`, over each node's ranks;
+    otherwise they are plain replicas in the training dtype (tiny CPU scale only).
     """
 
     def __init__(self, spec, run_dir: Path, info, partition_teachers: bool | None = None):
@@ -40,7 +41,14 @@ class DistillJob:
 
         import flashctl.models.processor  # noqa: F401  (diffusers' loader finds the processor class)
         from flashctl.distill.dmd2 import Teacher
-        from flashctl.distill.engine import ds_config, freeze, frozen_config, make_engine, make_frozen_engine
+        from flashctl.distill.engine import (
+            ds_config,
+            freeze,
+            frozen_config,
+            make_engine,
+            make_frozen_engine,
+            node_group,
+        )
         from flashctl.flow import student_sigmas
         from flashctl.models.adapter import QwenImageAdapter
         from flashctl.models.weights import build_transformer
@@ -67,8 +75,13 @@ class DistillJob:
         critic_cfg = ds_config(spec, spec.distill.lr_critic, self.world)
         frozen_cfg = frozen_config(critic_cfg)
 
-        def build(path: str, cfg: dict[str, Any] | None):
-            return build_transformer(path, self.dtype, self.device, zero_config=cfg)
+        def build(path: str, cfg: dict[str, Any] | None, group: Any = None):
+            return build_transformer(path, self.dtype, self.device, zero_config=cfg, process_group=group)
+
+        # deepspeed.teacher_shard: node -> each teacher partitioned over its node's ranks only
+        self.teacher_group = None
+        if self.partition_teachers and spec.deepspeed.teacher_shard == "node":
+            self.teacher_group = node_group()
 
         self.teachers: dict[str, Teacher] = {}
         self.teacher_paths: dict[str, str] = {}
@@ -76,7 +89,8 @@ class DistillJob:
             t = spec.teachers[name]
             self.teacher_paths[name] = resolve_model_path(t.path)
             if self.partition_teachers:
-                frozen = make_frozen_engine(build(self.teacher_paths[name], frozen_cfg), frozen_cfg)
+                model = build(self.teacher_paths[name], frozen_cfg, self.teacher_group)
+                frozen = make_frozen_engine(model, frozen_cfg)
             else:
                 frozen = freeze(build(self.teacher_paths[name], None))
             self.teachers[name] = Teacher(frozen, t.cfg_scale, t.cfg_rescale)
@@ -328,7 +342,8 @@ class DistillJob:
         partition no rank holds more than one submodule. The pipeline's scheduler is the
         student's own. The folder is moved into place complete (`save_components`), so its
         presence means a finished export. Returns the folder. The evaluation samples the
-        student engine itself on every rank (`_evaluate`), not a loaded-back copy. The folder's
+        student engine on every rank when teachers are partitioned, else (teachers as plain
+        replicas) this folder loaded back as a replica, like the teachers (`_evaluate`). The folder's
         pipeline class is the base's family (`adapter.family`: how its edits are conditioned).
         Trained from cached conditioning, the text encoder and VAE are copied file by file from
         the base pipeline (`save_components(copy_from=...)`): the export builds no encoder."""
@@ -520,8 +535,9 @@ def _evaluate(job: DistillJob, tracker, stop) -> dict[str, float] | None:
     """The end-of-run evaluation, data-parallel: call it on every rank.
 
     Each rank samples its share of the eval batches (`evaluate.rank_batches`) with the models
-    it holds: the student engine (ZeRO-3 forwards are collectives; the batches are padded so
-    every rank runs the same ones) and the base teacher (replica or ZeRO-3 inference engine).
+    it holds, student and base teacher placed alike: both ZeRO-3 engines when teachers are
+    partitioned (forwards are collectives; the batches are padded so every rank runs the same
+    ones), else both plain replicas (the student loaded back from its export).
     Verifier results are gathered to rank 0, which writes eval/results.json, logs the metrics
     and returns them (None on the other ranks). A stop signal is honoured between batches
     (`EvalStopped`, nothing written); a complete results.json from before a restart is reused."""
@@ -535,7 +551,17 @@ def _evaluate(job: DistillJob, tracker, stop) -> dict[str, float] | None:
         _eval_encoders(job)
     models = default_models(spec)
     models["student"].scheduler = job.student_scheduler()  # the teachers sample on their own schedule
-    chosen = {"student": (job.student, models["student"]), "teacher": (teacher, models["teacher"]),
+    student = job.student
+    if not job.partition_teachers:
+        # The teachers are plain replicas here (tiny CPU scale): the student is sampled the same
+        # way, loaded back from its export as a user would load it, so the timed speed-up compares
+        # like with like. The ZeRO-3 engine's per-sub-module gather hooks cost more than the tiny
+        # model's maths (measured: 158 vs 34 ms/image denoising at the same 4 NFE).
+        from flashctl.distill.engine import freeze
+        from flashctl.models.weights import build_transformer
+
+        student = freeze(build_transformer(job.run_dir / "student", job.dtype, job.device))
+    chosen = {"student": (student, models["student"]), "teacher": (teacher, models["teacher"]),
               "teacher_fast": (teacher, models["teacher_fast"])}
     out = job.run_dir / "eval"
     rows = eval_rows(spec)

@@ -97,6 +97,7 @@ def build_transformer(
     device: torch.device | str = "cpu",
     zero_config: dict[str, Any] | None = None,
     load: LoadMode = "auto",
+    process_group: Any = None,
 ) -> torch.nn.Module:
     """The transformer of pipeline `path` in `dtype`, its weights read from the safetensors files.
 
@@ -105,6 +106,8 @@ def build_transformer(
     only this rank's rows, "gather" lets rank 0 fill each gathered tensor, "auto" slices where
     the partition is a plain tensor); hand it to `deepspeed.initialize` as is. Without, it is a
     plain replica on `device` (diffusers' own low-memory loader). The global RNG is untouched.
+    `process_group` (with `zero_config`): the ranks to partition over (default: all; a frozen
+    teacher may be split within its node, `engine.node_group`).
     A collective with `zero_config`: call on every rank.
     """
     folder = transformer_folder(path)
@@ -123,7 +126,7 @@ def build_transformer(
     with torch.random.fork_rng(devices=devices), no_init_weights():
         # the dtype comes from the config's bf16/fp16 switches: DeepSpeed 0.19 ignores an explicit
         # `dtype` on accelerators without fp16 (the CPU one) and builds bf16 even for an fp32 run
-        with deepspeed.zero.Init(config_dict_or_path=zero_config):
+        with deepspeed.zero.Init(config_dict_or_path=zero_config, data_parallel_group=process_group):
             model = cls.from_config(config)
     got = next(model.parameters()).dtype
     if got != dtype:
@@ -181,7 +184,6 @@ def load_weights(model: torch.nn.Module, files: dict[str, Path], mode: LoadMode 
         folder = next(iter(files.values())).parent if files else "?"
         raise UserError(f"{folder}: weights do not match the model config (missing {sorted(missing)[:3]}, "
                         f"unexpected {sorted(extra)[:3]})")
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     by_file: dict[Path, list[str]] = {}
     for name in sorted(wanted):  # sorted: every rank visits the tensors in one order (gathers are collective)
         by_file.setdefault(files[name], []).append(name)
@@ -198,8 +200,9 @@ def load_weights(model: torch.nn.Module, files: dict[str, Path], mode: LoadMode 
                 elif mode == "slice" or (mode == "auto" and _can_slice(p)):
                     _fill_slice(p, f.get_slice(name))
                 else:
+                    # modifier_rank is a rank of the parameter's group (a node group has its own 0)
                     with deepspeed.zero.GatheredParameters([p], modifier_rank=0), torch.no_grad():
-                        if rank == 0:
+                        if deepspeed.comm.get_rank(group=p.ds_process_group) == 0:
                             p.data.copy_(f.get_tensor(name).to(p.dtype))
 
 
