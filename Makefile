@@ -17,12 +17,12 @@ $(STAMP): pyproject.toml
 	-DS_ACCELERATOR=cpu $(BIN)/python -m flashctl.distill.ops || echo "DeepSpeed op build skipped; runs use gloo allreduce"
 	touch $(STAMP)
 
-# The embedded default end to end: shapes data, DMD2 distillation (2-rank ZeRO-3 on CPU),
+# The embedded default end to end: shapes data (with cached conditioning), a task-mixture grid of
+# two DMD2 distillations (2-rank ZeRO-3 on CPU; the 5:5 cell is the embedded default itself),
 # evaluation of student vs teacher, MLflow in ./mlflow.db.
 demo: $(STAMP)
-	$(BIN)/flashctl prepare-data experiments/tiny-cpu.yaml --overwrite --workers 2
-	$(BIN)/flashctl distill experiments/tiny-cpu.yaml --fresh
-	$(BIN)/flashctl ablate experiments/tiny-cpu.yaml --factor task-mixture --resume distill.steps=30 eval.n_t2i=24 eval.n_edit=24
+	$(BIN)/flashctl prepare-data experiments/tiny-cpu.yaml --overwrite --workers 2 --cache-embeddings
+	$(BIN)/flashctl ablate experiments/tiny-cpu.yaml --factor task-mixture --levels t2i-only,5:5 --resume
 	$(BIN)/flashctl report --experiment flashctl-tiny
 
 test: $(STAMP)

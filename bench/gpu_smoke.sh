@@ -15,7 +15,7 @@
 #   part 3  the end-of-run eval of the threshold-0 run (eval.n_t2i=eval.n_edit=EVAL_N, no diversity
 #           seeds, no teacher cache): student@4 vs teacher@40+CFG timed interleaved, s/image end to
 #           end and denoise-only, speed-ups beside the NFE ratio, accuracies;
-#   part 2  a DistillJob driven in-process on the same spec (threshold 0): parameters really
+#   part 2  a DistillJob driven in-process on the same spec (threshold 0), with the MFU of a round: parameters really
 #           partitioned (persistent / released outside forward), s/round, torch.cuda
 #           max_memory_allocated / max_memory_reserved of a round, and per component (params, grads,
 #           fp32 master + Adam, teachers, text encoder + VAE, reduce buckets, held, round peak,
@@ -416,6 +416,19 @@ context = (total - free) - torch.cuda.memory_reserved()  # CUDA context + NCCL +
 say(f"part 2 | DistillJob on {torch.cuda.get_device_name(0)}: median {statistics.median(times):.3f} s/round "
     f"(min {min(times):.3f}, max {max(times):.3f}; {TIMED} rounds after {WARM} warm-up; batch {spec.distill.batch_size}, "
     f"K={spec.distill.critic_updates})")
+# MFU of the round's transformer maths: FLOPs of one more round counted by torch's FlopCounterMode
+# (aten matmuls/attention of student, critic and teacher forwards and backwards), over the median
+# round time and the GPU's dense bf16 peak (PEAK_TFLOPS, default 989 for an H100/H200 SXM)
+from torch.utils.flop_counter import FlopCounterMode
+
+with FlopCounterMode(display=False) as fc:
+    job.round(WARM + TIMED)
+flops = fc.get_total_flops()
+peak_tf = float(os.environ.get("PEAK_TFLOPS", "989"))
+mfu = flops / statistics.median(times) / (peak_tf * 1e12)
+say(f"part 2 | MFU of a round: {flops / 1e9:.2f} GFLOP per round / {statistics.median(times):.3f} s = "
+    f"{flops / statistics.median(times) / 1e12:.3f} TFLOP/s = {100 * mfu:.4f}% of {peak_tf:g} TFLOP/s "
+    "(a tiny model: launch- and hook-bound, not compute-bound)")
 say(f"part 2 | peak GPU memory of a round: max_memory_allocated {peak / MIB:.1f} MiB, max_memory_reserved "
     f"{peak_reserved / MIB:.1f} MiB; held between rounds {held / MIB:.1f} MiB; construction peak {build_peak / MIB:.1f} MiB; "
     f"outside the allocator (context, NCCL) {context / MIB:.1f} MiB")

@@ -148,6 +148,9 @@ def prepare_data_cmd(
         False, "--cache-embeddings",
         help="Also store each row's text embeddings and VAE latents, encoded with the spec's base teacher "
              "(distill then trains with no text encoder or VAE loaded)."),
+    nproc: Optional[int] = typer.Option(
+        None, "--nproc", min=1,
+        help="With --cache-embeddings: encode on N ranks of this machine (torchrun, launch.device); same files."),
 ) -> None:
     """Shard prompt/edit data into Arrow files + manifest.json (counts, sha256, digest); bad rows go to rejects.jsonl."""
     extra = []
@@ -162,9 +165,12 @@ def prepare_data_cmd(
     if seed is not None:
         extra.append(f"data.seed={seed}")
     spec = load(args, extra)
+    target = out_dir or spec.data.root
+    if nproc is not None:
+        _prepare_on_ranks(spec, Path(target), nproc, cache_embeddings, workers, strict, overwrite)
+        return
     from flashctl.data.prepare import prepare_data
 
-    target = out_dir or spec.data.root
     encoder = None
     if cache_embeddings:
         from flashctl.data.conditioning import ConditioningEncoder
@@ -221,6 +227,9 @@ def evaluate(
     spec_path: Optional[Path] = typer.Option(None, "--spec", help="Spec giving the eval set (default: embedded)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default: runs/eval/<name>-nfe<N>)."),
     track: bool = typer.Option(False, help="Log the result to MLflow (tracking section of the spec)."),
+    nproc: Optional[int] = typer.Option(
+        None, "--nproc", min=1,
+        help="Sample on N ranks of this machine (torchrun, launch.device: gloo on CPU, NCCL on CUDA); same results."),
 ) -> None:
     """Sample the seeded eval set, verify every image, print accuracy per category / edit type and s/image."""
     from flashctl.spec import load_spec
@@ -228,10 +237,56 @@ def evaluate(
     as_spec = model.endswith((".yaml", ".yml"))
     spec = load_spec(model if as_spec else spec_path, list(overrides or []))
     path = spec.teachers[spec.guidance.base].path if as_spec else model
-    from flashctl.evaluate import evaluate_one
+    if nproc is None:
+        from flashctl.evaluate import evaluate_one
 
-    results, folder = evaluate_one(spec, path, nfe, cfg, out_dir, track, console)
+        results, folder = evaluate_one(spec, path, nfe, cfg, out_dir, track, console)
+    else:
+        from flashctl.evaluate import eval_out_dir
+
+        folder = out_dir or eval_out_dir(path, nfe, cfg)
+        _on_ranks(spec, nproc, ["evaluate", path, "--nfe", str(nfe), "--cfg", str(cfg), "--out", str(folder),
+                                *(["--track"] if track else [])])
+        results = json.loads((folder / "results.json").read_text())
     show(out, _accuracy_table(path, results, folder))
+
+
+def _on_ranks(spec, nproc: int, command: list[str]) -> None:
+    """`python -m flashctl.launch.ranks COMMAND[0] SPEC_FILE COMMAND[1:]` on `nproc` ranks of this
+    machine, the resolved spec in a temporary SPEC_FILE; a failed rank is one line here."""
+    import shutil
+    import tempfile
+
+    from flashctl.launch.local import run_ranks
+    from flashctl.launch.ranks import ERROR_FILE
+    from flashctl.spec import to_yaml
+
+    tmp = Path(tempfile.mkdtemp(prefix="flashctl-ranks-"))
+    try:
+        (tmp / "spec.yaml").write_text(to_yaml(spec))
+        rc = run_ranks(spec, nproc, "flashctl.launch.ranks", [command[0], str(tmp / "spec.yaml"), *command[1:]])
+        error = (tmp / ERROR_FILE).read_text() if (tmp / ERROR_FILE).exists() else None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if rc != 0:
+        raise UserError(error or f"{command[0]} --nproc {nproc}: a rank failed (exit {rc}); see the ranks' output above")
+
+
+def _prepare_on_ranks(spec, target: Path, nproc: int, cache_embeddings: bool, workers: int, strict: bool,
+                      overwrite: bool) -> None:
+    """`prepare-data --cache-embeddings --nproc N`: rank 0 builds the shards, every rank encodes
+    a share of the sidecars, rank 0 publishes; the line printed is the one-process run's."""
+    from flashctl.data.manifest import MANIFEST_NAME, read_manifest
+
+    if not cache_embeddings:
+        raise UserError("--nproc: only with --cache-embeddings (the ranks share the encoding)")
+    if (target / MANIFEST_NAME).exists() and not overwrite:  # before N ranks load a text encoder
+        raise UserError(f"{target}: already holds a prepared dataset ({MANIFEST_NAME}); pass --overwrite to replace it")
+    _on_ranks(spec, nproc, ["prepare-data", "--out", str(target), "--workers", str(workers),
+                            *(["--strict"] if strict else []), *(["--overwrite"] if overwrite else [])])
+    m = read_manifest(target, verify=False)
+    console.print(f"[green]ok[/green] {m.rows} rows in {len(m.shards)} shards, {m.rejects} rejected, "
+                  f"digest {m.digest[:16]} -> {target / MANIFEST_NAME}", highlight=False)
 
 
 def _accuracy_table(model: str, results: dict, folder: Path):
@@ -239,22 +294,26 @@ def _accuracy_table(model: str, results: dict, folder: Path):
     diversity of open attributes beside i.i.d. draws from the data, and the time per image."""
     from rich.table import Table
 
+    from flashctl.stats import wilson
+
     s = results["models"]["model"]
     table = Table(title=f"{model} @ {s['steps']} steps, CFG {s['cfg']:g} ({s['nfe']} NFE): "
                         f"verifier accuracy ({results['rows']} eval rows)")
     table.add_column("group")
     table.add_column("n", justify="right")
     table.add_column("accuracy", justify="right")
+    table.add_column("95% interval", justify="right")
     for label, groups in (("[bold]{}", s["by_task"]), ("t2i / {}", s["by_category_t2i"]),
                           ("edit / {}", s["by_edit_type"])):
         for key, v in groups.items():
-            table.add_row(label.format(key), str(v["n"]), f"{v['accuracy']:.3f}")
+            ci = wilson(round(v["accuracy"] * v["n"]), v["n"])
+            table.add_row(label.format(key), str(v["n"]), f"{v['accuracy']:.3f}", f"{ci.low:.3f}-{ci.high:.3f}")
     div = s.get("diversity", {})
     for kind in ("cell", "colour", "background"):  # shapes.diversity.KINDS
         if kind in div:  # normalised entropy of the open attribute, beside i.i.d. draws from the data
             d = div[kind]
             table.add_row(f"diversity / {kind} (H, i.i.d. H)", str(d["prompts"]),
-                          f"{d['entropy']:.3f} ({d['entropy_ref']:.3f})")
+                          f"{d['entropy']:.3f} ({d['entropy_ref']:.3f})", "")
     table.caption = (f"{s['sec_per_image'] * 1000:.1f} ms per image end to end "
                      f"({s['denoise_sec_per_image'] * 1000:.1f} ms denoising); images and results.json in {folder}")
     return table

@@ -580,25 +580,76 @@ def default_models(spec: ExperimentSpec) -> dict[str, ModelUnderTest]:
     }
 
 
+def eval_out_dir(model: str, nfe: int, cfg: float) -> Path:
+    """`flashctl evaluate`'s default output folder of `model`: runs/eval/<name>-steps<N>-cfg<C>."""
+    from flashctl.pipelines import resolve_model_path
+
+    path = resolve_model_path(model)
+    name = Path(path).name if Path(path).exists() else model.replace("/", "_")
+    return Path("runs") / "eval" / f"{name}-steps{nfe}-cfg{cfg:g}"
+
+
+def rank_rows(rows: list[dict[str, Any]], rank: int, world: int) -> int:
+    """How many of `rows` this rank samples in a data-parallel evaluation (`rank_batches`)."""
+    chunks = _groups(rows, EVAL_BATCH)
+    return sum(len(chunks[i]) for i in rank_batches([len(c) for c in chunks], rank, world) if i is not None)
+
+
+def _swap_in(staging: Path, out_dir: Path) -> None:
+    """Put the complete folder `staging` in the place of `out_dir` (an older one is replaced
+    only once the new one is complete): the data-parallel `flashctl evaluate` never leaves a
+    folder holding some ranks' images beside another evaluation's results.json."""
+    import os
+    import shutil
+
+    old = out_dir.with_name(f".{out_dir.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out_dir.exists():
+        os.replace(out_dir, old)
+    os.replace(staging, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def evaluate_one(spec: ExperimentSpec, model: str, nfe: int, cfg: float, out_dir: Path | None,
-                 track: bool, console) -> tuple[dict[str, Any], Path]:
+                 track: bool, console, *, rank: int = 0, world: int = 1, device: str = "cpu",
+                 barrier: Callable[[], None] | None = None) -> tuple[dict[str, Any] | None, Path]:
     """`flashctl evaluate`: `model` (pipeline folder / builtin:NAME / hub id) on the spec's eval
     set, logged as its own MLflow run when `track`. Returns the results (`results.json`, the
-    model named "model") and the folder holding them and the images."""
+    model named "model") and the folder holding them and the images.
+
+    Data-parallel with `world` > 1 (`flashctl evaluate --nproc N`; call it on every rank, in a
+    process group, `barrier` its barrier): each rank samples its batches on `device` and writes
+    their images into `.<out>.partial` beside the output folder, rank 0 gathers the verifier
+    results (the same per row as one process: noise seeds follow the global batch), writes
+    results.json there, swaps the folder into place and returns the results; other ranks get
+    None. Progress is shown on rank 0 only, over its own rows."""
     from flashctl.models.adapter import QwenImageAdapter
     from flashctl.pipelines import resolve_model_path
     from flashctl.progress import StepProgress
 
     path = resolve_model_path(model)
     name = Path(path).name if Path(path).exists() else model.replace("/", "_")
-    out_dir = out_dir or Path("runs") / "eval" / f"{name}-steps{nfe}-cfg{cfg:g}"
-    adapter = QwenImageAdapter.from_pretrained(path, edit_max_pixels=spec.model.edit_max_pixels)
+    out_dir = Path(out_dir or eval_out_dir(model, nfe, cfg))
+    write_dir = out_dir
+    if world > 1:
+        import shutil
+
+        write_dir = out_dir.with_name(f".{out_dir.name}.partial")
+        if rank == 0:  # what a killed earlier run left
+            shutil.rmtree(write_dir, ignore_errors=True)
+        barrier()
+    adapter = QwenImageAdapter.from_pretrained(path, device=device, edit_max_pixels=spec.model.edit_max_pixels)
     rows = eval_rows(spec)
-    with StepProgress(f"sampling {name} @ {nfe} NFE", len(rows), console, unit="rows") as prog:
+    with StepProgress(f"sampling {name} @ {nfe} NFE", rank_rows(rows, rank, world), console, unit="rows",
+                      enabled=rank == 0) as prog:
         res = evaluate_models(adapter, {"model": (adapter.transformer, ModelUnderTest("model", nfe, cfg))},
-                              rows, out_dir, spec.eval.seed,
+                              rows, write_dir, spec.eval.seed,
                               progress=lambda _n, done, total: prog.update(done),
-                              diversity_seeds=spec.eval.diversity_seeds)
+                              diversity_seeds=spec.eval.diversity_seeds, rank=rank, world=world)
+    if res is None:
+        return None, out_dir
+    if world > 1:
+        _swap_in(write_dir, out_dir)
     if track and spec.tracking.enabled:
         from flashctl.track import KIND_EVALUATE, TAG_KIND, Tracker
 

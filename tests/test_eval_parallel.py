@@ -169,6 +169,6 @@ def test_teacher_cache_key_follows_the_teacher_and_eval_set_not_the_student():
     assert base.parent.name == "eval-cache"
     # ablation factors of the student share the teacher's evaluation
     assert key("distill.steps=7", "mixture.t2i=9", "mixture.edit=1", "eval.student_nfe=2") == base
-    for change in ("eval.teacher_nfe=5", "eval.teacher_cfg=2", "eval.seed=9", "data.open_attributes=0.5",
+    for change in ("eval.teacher_nfe=5", "eval.teacher_cfg=2", "eval.seed=9", "data.open_attributes=0.25",
                    "eval.n_t2i=5"):
         assert key(change) != base, change

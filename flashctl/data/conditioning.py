@@ -37,7 +37,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pyarrow as pa
 
@@ -131,15 +131,25 @@ def _to_bytes(t: Any) -> bytes:
 
 
 class ConditioningEncoder:
-    """Encodes shards into sidecars with one adapter (text encoder + VAE, no transformer)."""
+    """Encodes shards into sidecars with one adapter (text encoder + VAE, no transformer).
 
-    def __init__(self, adapter: Any, model: CacheModel, batch_size: int = 16):
+    One of `world` ranks (`prepare-data --cache-embeddings --nproc N`) with `gather`, an
+    all-gather of small picklable objects over the ranks (rank order): each rank encodes every
+    `world`-th shard (`write_conditioning` on rank 0, `follow_conditioning` on the others)."""
+
+    def __init__(self, adapter: Any, model: CacheModel, batch_size: int = 16, *, rank: int = 0, world: int = 1,
+                 gather: Callable[[Any], list[Any]] | None = None):
+        if world > 1 and gather is None:
+            raise ValueError("a ConditioningEncoder of several ranks needs `gather`")
         self.adapter, self.model, self.batch_size = adapter, model, batch_size
+        self.rank, self.world = rank, world
+        self.gather = gather if world > 1 else (lambda obj: [obj])
 
     @classmethod
-    def from_spec(cls, spec: Any, device: str | None = None, batch_size: int = 16) -> ConditioningEncoder:
+    def from_spec(cls, spec: Any, device: str | None = None, batch_size: int = 16, **ranks: Any) -> ConditioningEncoder:
         """The spec's base teacher's text encoder and VAE on `device` (default: cuda if there is
-        one), in bf16 on CUDA and fp32 on CPU (where the cache must equal on-the-fly encoding)."""
+        one), in bf16 on CUDA and fp32 on CPU (where the cache must equal on-the-fly encoding).
+        `ranks`: rank, world, gather (see the class)."""
         import torch
 
         from flashctl.models.adapter import QwenImageAdapter
@@ -149,7 +159,7 @@ class ConditioningEncoder:
         model = model_for_spec(spec, str(dtype).removeprefix("torch."))
         adapter = QwenImageAdapter.from_pretrained(model.path, device=device, dtype=dtype, transformer=False,
                                                    edit_max_pixels=spec.model.edit_max_pixels)
-        return cls(adapter, model, batch_size)
+        return cls(adapter, model, batch_size, **ranks)
 
     def negatives(self, path: Path) -> tuple[str, int]:
         """Write the T2I negative ("" encoded once) to `path`; returns (sha256, hidden size)."""
@@ -233,21 +243,42 @@ class ConditioningEncoder:
         return rows, digest, size
 
 
+def _encode_share(encoder: ConditioningEncoder, staging: Path, shard_paths: list[Path],
+                  progress: bool) -> list[tuple[int, dict[str, Any]]]:
+    """This rank's sidecars (shards rank, rank + world, ...) in `staging`: [(shard index, file
+    record)]. A shard's sidecar is the same bytes whichever rank encodes it."""
+    from flashctl.progress import StepProgress
+
+    mine = range(encoder.rank, len(shard_paths), encoder.world)
+    out = []
+    with StepProgress("cache-embeddings", len(mine), unit="shards", enabled=progress) as bar:
+        for i in mine:
+            name = sidecar_name(i, len(shard_paths))
+            rows, digest, size = encoder.encode_shard(shard_paths[i], staging / name)
+            out.append((i, {"file": name, "rows": rows, "sha256": digest, "bytes": size}))
+            bar.advance(1)
+    return out
+
+
+def follow_conditioning(encoder: ConditioningEncoder) -> None:
+    """A rank other than 0 of `prepare-data --cache-embeddings --nproc N`: wait for rank 0's
+    shards (its `write_conditioning`), encode this rank's share of them, hand the records back."""
+    job = encoder.gather(None)[0]
+    encoder.gather(_encode_share(encoder, Path(job["staging"]), [Path(p) for p in job["shards"]], False))
+
+
 def write_conditioning(encoder: ConditioningEncoder, staging: Path, shard_paths: list[Path],
                        progress: bool = True) -> dict[str, Any]:
     """Encode every shard (staging paths, in order) into sidecars + negatives in `staging`.
 
-    Returns the manifest's `conditioning` section (file names are the final ones)."""
-    from flashctl.progress import StepProgress
-
+    Returns the manifest's `conditioning` section (file names are the final ones). With
+    several ranks (rank 0 calls this, the others `follow_conditioning`) the shards are dealt
+    round-robin; the all-gather of the records is the barrier after which rank 0 alone writes
+    the negatives and the section: the same files, byte for byte, as one process writes."""
     a = encoder.adapter
-    files = []
-    with StepProgress("cache-embeddings", len(shard_paths), unit="shards", enabled=progress) as bar:
-        for i, shard in enumerate(shard_paths):
-            name = sidecar_name(i, len(shard_paths))
-            rows, digest, size = encoder.encode_shard(shard, staging / name)
-            files.append({"file": name, "rows": rows, "sha256": digest, "bytes": size})
-            bar.advance(1)
+    encoder.gather({"staging": str(staging), "shards": [str(p) for p in shard_paths]})
+    parts = encoder.gather(_encode_share(encoder, Path(staging), list(shard_paths), progress))
+    files = [rec for _, rec in sorted(rec for part in parts for rec in part)]
     neg_sha, hidden = encoder.negatives(staging / NEGATIVES_NAME)
     return {
         "version": COND_VERSION,

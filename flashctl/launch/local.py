@@ -85,6 +85,22 @@ def env_for(spec: ExperimentSpec, base: Mapping[str, str] | None = None) -> dict
     return env
 
 
+def run_ranks(spec: ExperimentSpec, nproc: int, worker_module: str, args: list[str]) -> int:
+    """Run `python -m worker_module args` on `nproc` ranks of this machine under torchrun, as
+    `distill` runs its workers (same environment, `launch.device`: gloo on CPU, NCCL on CUDA),
+    whatever the spec's backend and node count; returns the exit code. A taken
+    `launch.master_port` is replaced by a free one (one machine: any port does)."""
+    from flashctl.system import free_port, port_free
+
+    if nproc < 1:
+        raise UserError(f"--nproc {nproc}: must be >= 1")
+    launch = spec.launch.model_copy(update={"nproc_per_node": nproc, "nnodes": 1, "backend": "local"})
+    if not port_free(launch.master_addr, launch.master_port):
+        launch = launch.model_copy(update={"master_port": free_port(launch.master_addr)})
+    spec = spec.model_copy(update={"launch": launch})
+    return run_local(torchrun_command(spec, worker_module, args), env_for(spec))
+
+
 def run_local(
     cmd: list[str], env: Mapping[str, str], log_path: str | Path | None = None, cwd: str | Path | None = None
 ) -> int:
