@@ -89,7 +89,7 @@ def main() -> None:
         from safetensors.torch import save_file
 
         save_file(weights, str(args.out / "final_params.safetensors"))
-        ck.export_fp32(ckpt_dir, "student", args.out / "consolidated.safetensors")
+        ck.export_fp32(ckpt_dir, "student", args.out / "consolidated")
     stats = {
         "rank": info.rank,
         "world_size": info.world_size,

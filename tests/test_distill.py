@@ -63,9 +63,10 @@ def test_two_rank_zero3_run_exports_a_diffusers_student(tiny_world, tmp_path):
                  true_cfg_scale=1.0, generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (32, 32)
     # the export (gathered layer by layer, written by rank 0) equals zero_to_fp32 of the last checkpoint
-    from flashctl.distill.checkpoint import export_fp32
+    from flashctl.distill.checkpoint import export_fp32, load_fp32
 
-    consolidated = load_file(export_fp32(run / "checkpoints", "student", tmp_path / "consolidated.safetensors"))
+    consolidated = load_fp32(export_fp32(run / "checkpoints", "student", tmp_path / "consolidated", max_shard_size="200KB"))
+    assert len(list((tmp_path / "consolidated").glob("model-*.safetensors"))) > 1  # sharded, with its index
     exported = pipe.transformer.state_dict()
     assert consolidated.keys() == exported.keys()
     assert all(torch.equal(consolidated[k], exported[k]) for k in consolidated)

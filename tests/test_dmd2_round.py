@@ -158,7 +158,7 @@ def test_gan_option_trains_the_critic_head_and_leaves_the_student_export_alone(t
     from safetensors.torch import load_file
 
     from conftest import run_cli
-    from flashctl.distill.checkpoint import export_fp32
+    from flashctl.distill.checkpoint import export_fp32, load_fp32
     from flashctl.distill.gan import CriticHead
 
     args = ["distill", SPEC, *tiny_world["spec_args"], f"run.out_dir={tmp_path}/runs", "run.name=gan",
@@ -171,7 +171,7 @@ def test_gan_option_trains_the_critic_head_and_leaves_the_student_export_alone(t
         assert key in last and last[key] == last[key], key  # logged and not NaN
     assert 0 < last["train/loss_gan_d"] < 10 and 0 <= last["train/d_acc_real"] <= 1
 
-    critic = load_file(export_fp32(run / "checkpoints", "critic", tmp_path / "critic.safetensors"))
+    critic = load_fp32(export_fp32(run / "checkpoints", "critic", tmp_path / "critic"))
     trained = {k.removeprefix("gan_head."): v for k, v in critic.items() if k.startswith("gan_head.")}
     cfg = json.loads((tiny_world["teacher"] / "transformer" / "config.json").read_text())
     initial = CriticHead(cfg["num_attention_heads"] * cfg["attention_head_dim"], seed=0).state_dict()  # distill.seed

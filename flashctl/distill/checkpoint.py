@@ -227,35 +227,47 @@ def prune_checkpoints(ckpt_dir: str | Path, keep: int) -> list[str]:
     return doomed
 
 
-def export_fp32(ckpt_dir: str | Path, engine_name: str, out_path: str | Path, tag: str | None = None) -> Path:
-    """Consolidate one engine's ZeRO shards into fp32 weights written as safetensors.
+def export_fp32(ckpt_dir: str | Path, engine_name: str, out_dir: str | Path, tag: str | None = None,
+                max_shard_size: str = "5GB") -> Path:
+    """Consolidate one engine's ZeRO shards into fp32 weights: a folder of sharded safetensors
+    (`model-0000i-of-0000N.safetensors` + `model.safetensors.index.json` when over
+    `max_shard_size`, else one `model.safetensors`).
 
-    Uses deepspeed.utils.zero_to_fp32 (reads every rank's shard files; no process group
-    needed); run it on one rank. `tag` defaults to the latest complete checkpoint.
-    """
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    from safetensors.torch import save_file
+    DeepSpeed's `convert_zero_checkpoint_to_fp32_state_dict` in its lazy mode does the work: it
+    reads every rank's shard files (no process group needed) and materialises one output shard
+    at a time, so a 20B engine never sits whole in host memory. Run it on one rank. The folder
+    is written beside `out_dir` and moved into place complete. `tag` defaults to the latest
+    complete checkpoint."""
+    from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_fp32_state_dict
 
     ckpt_dir = Path(ckpt_dir)
     tag = tag or latest_tag(ckpt_dir)
     if tag is None:
         raise UserError(f"{ckpt_dir}: no complete checkpoint to export")
-    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir / tag), tag=engine_name)
-    # Tied weights come back as one tensor under two names; safetensors refuses shared
-    # storage, so each extra name gets its own copy.
-    seen: set[int] = set()
-    tensors: dict[str, torch.Tensor] = {}
-    for name, t in state.items():
-        ptr = t.untyped_storage().data_ptr()
-        tensors[name] = t.contiguous().clone() if ptr in seen else t.contiguous()
-        seen.add(ptr)
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_path.parent, suffix=".safetensors.tmp")
-    os.close(fd)
-    save_file(tensors, tmp, metadata={"format": "pt", "source": f"{ckpt_dir / tag}/{engine_name}"})
-    os.replace(tmp, out_path)
-    return out_path
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    try:
+        # our layout: <ckpt_dir>/<tag>/<engine>/..., i.e. DeepSpeed's checkpoint dir + tag
+        convert_zero_checkpoint_to_fp32_state_dict(str(ckpt_dir / tag), str(staging), max_shard_size=max_shard_size,
+                                                   safe_serialization=True, tag=engine_name)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def load_fp32(folder: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of an `export_fp32` folder (all its shards), by name."""
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
 
 
 # --------------------------------------------------------------------------------------------
