@@ -384,12 +384,22 @@ def evaluate_models(
     results["models"] = {n: results["models"][n] for n in models}
     results["timing"]["cached"] = list(hits)
     results["metrics"].update(relative_metrics(results["metrics"]))
+    _write_sources(rows, out_dir / "images" / "source")
     for name in cached.keys() - set(hits):
         prefix = eval_metric(name, "")
         store_cached(cached[name], results["models"][name],
                      {k: v for k, v in results["metrics"].items() if k.startswith(prefix)}, out_dir / "images" / name)
     atomic_write_json(out_dir / "results.json", results)
     return results
+
+
+def _write_sources(rows: list[dict[str, Any]], folder: Path) -> None:
+    """The edit rows' source images as `folder/<row id>.png` (the report's qualitative grids show
+    the input first, then the teacher and each student, as in the paper's Figure 4)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for r in rows:
+        if r.get("task") == "edit" and isinstance(r.get("source_image"), bytes | bytearray):
+            (folder / f"{r['id']}.png").write_bytes(r["source_image"])
 
 
 CACHE_RESULTS = "results.json"

@@ -108,6 +108,9 @@ def test_parallel_grid_of_real_jobs_then_report(tiny_world, tmp_path):
     assert len(srcs) >= 2 + 4, len(srcs)
     head = re.search(r'<table class="qual">.*?</thead>', page, re.DOTALL).group(0)
     assert re.findall(r"<th[^>]*>([^<]*)</th>", head) == ["prompt", "teacher", "9:1", "7:3", "5:5"]
+    # edit rows show the source image first, then the teacher and each level (the paper's Figure 4)
+    heads = re.findall(r'<table class="qual">.*?</thead>', page, re.DOTALL)
+    assert re.findall(r"<th[^>]*>([^<]*)</th>", heads[1]) == ["prompt", "input", "teacher", "9:1", "7:3", "5:5"]
 
 
 def _processes_with(marker: str) -> list[int]:
