@@ -12,6 +12,20 @@ from flashctl.distill import objectives as ob
 SPEC = str(EXPERIMENTS / "tiny-cpu.yaml")
 
 
+def _t2i_conditioning(adapter, prompts: list[str]) -> dmd2.Conditioning:
+    """A 32x32 T2I Conditioning of `prompts` (CFG negatives "") through the adapter's own velocity."""
+    embeds, mask = adapter.encode_prompts(prompts)
+    neg, neg_mask = adapter.encode_prompts([""] * len(prompts))
+    seq = (32 // (adapter.vae_scale_factor * 2)) ** 2
+
+    def velocity(model, x, sigma, e, m, h, w, src):
+        return adapter.velocity(model, x, sigma, e, m, h, w, src)
+
+    return dmd2.Conditioning(task="t2i", embeds=embeds, mask=mask, neg_embeds=neg, neg_mask=neg_mask,
+                             height=32, width=32, latent_shape=(seq, 4 * adapter.z_dim), velocity_fn=velocity)
+
+
+
 def test_ca_range_lies_below_the_student_step():
     assert ob.ca_tau_range(0.02, 0.98, 0.75) == (0.02, 0.75)
     assert ob.ca_tau_range(0.02, 0.6, 1.0) == (0.02, 0.6)  # never above tau_max
@@ -66,16 +80,9 @@ def test_batched_cfg_equals_two_passes_on_a_real_qwen_transformer(tiny_world):
 
     adapter = QwenImageAdapter.from_pretrained(tiny_world["teacher"])
     prompts = ["a red circle", "a blue square at the top left and a green triangle at the bottom right"]
-    embeds, mask = adapter.encode_prompts(prompts)
-    neg, neg_mask = adapter.encode_prompts(["", ""])
-    assert neg.shape[1] != embeds.shape[1]  # the padding path is exercised
-    seq = (32 // (adapter.vae_scale_factor * 2)) ** 2
-
-    def velocity(model, x, sigma, e, m, h, w, src):
-        return adapter.velocity(model, x, sigma, e, m, h, w, src)
-
-    cond = dmd2.Conditioning(task="t2i", embeds=embeds, mask=mask, neg_embeds=neg, neg_mask=neg_mask,
-                             height=32, width=32, latent_shape=(seq, 4 * adapter.z_dim), velocity_fn=velocity)
+    cond = _t2i_conditioning(adapter, prompts)
+    assert cond.neg_embeds.shape[1] != cond.embeds.shape[1]  # the padding path is exercised
+    seq = cond.latent_shape[0]
     x = torch.randn(2, seq, 4 * adapter.z_dim, generator=torch.Generator().manual_seed(0))
     sigma = torch.tensor([0.3, 0.8])
     with torch.no_grad():
@@ -103,15 +110,8 @@ def test_gan_generator_term_reaches_the_student_sample_but_not_the_critic(tiny_w
     if checkpointing:
         critic.enable_gradient_checkpointing()
     teacher = dmd2.Teacher(QwenImageTransformer2DModel.from_pretrained(tiny_world["teacher"] / "transformer"), 2.5)
-    embeds, mask = adapter.encode_prompts(["a red circle", "a blue square"])
-    neg, neg_mask = adapter.encode_prompts(["", ""])
-    seq = (32 // (adapter.vae_scale_factor * 2)) ** 2
-
-    def velocity(model, x, sigma, e, m, h, w, src):
-        return adapter.velocity(model, x, sigma, e, m, h, w, src)
-
-    cond = dmd2.Conditioning(task="t2i", embeds=embeds, mask=mask, neg_embeds=neg, neg_mask=neg_mask,
-                             height=32, width=32, latent_shape=(seq, 4 * adapter.z_dim), velocity_fn=velocity)
+    cond = _t2i_conditioning(adapter, ["a red circle", "a blue square"])
+    seq = cond.latent_shape[0]
     x0 = torch.randn(2, seq, 4 * adapter.z_dim, generator=torch.Generator().manual_seed(0))
     x = x0.clone().requires_grad_(True)
     loss, stats = dmd2.generator_loss(x, cond, critic, teacher, torch.Generator().manual_seed(1), 0.02, 0.98,
