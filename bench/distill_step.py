@@ -151,6 +151,8 @@ def summarise(rounds: list[dict[str, Any]], warmup: int) -> dict[str, float]:
 
 
 THR0 = "deepspeed.param_persistence_threshold=0"
+THR_DS = "deepspeed.param_persistence_threshold=null"  # DeepSpeed's own default (1e5), whatever the yaml sets
+SUB = "deepspeed.gather=submodule"  # DeepSpeed's own gather unit (every Linear / norm apart)
 
 
 def build_default_world(root: Path) -> Path:
@@ -172,16 +174,18 @@ def layouts(with_default: bool) -> list[dict[str, Any]]:
     its guidance policy and teachers)."""
     rows = [
         {"name": "minimal", "world": "bench", "ranks": 1, "threads": 1},
-        {"name": "flashctl-1", "world": "bench", "ranks": 1, "threads": 1, "extra": ()},
+        {"name": "flashctl-1", "world": "bench", "ranks": 1, "threads": 1, "extra": (THR_DS,)},
         {"name": "flashctl-1-thr0", "world": "bench", "ranks": 1, "threads": 1, "extra": (THR0,)},
-        {"name": "flashctl-2", "world": "bench", "ranks": 2, "threads": 1, "extra": ()},
+        {"name": "flashctl-1-sub", "world": "bench", "ranks": 1, "threads": 1, "extra": (SUB, THR_DS)},
+        {"name": "flashctl-1-sub-thr0", "world": "bench", "ranks": 1, "threads": 1, "extra": (SUB, THR0)},
+        {"name": "flashctl-2", "world": "bench", "ranks": 2, "threads": 1, "extra": (THR_DS,)},
         {"name": "flashctl-2-thr0", "world": "bench", "ranks": 2, "threads": 1, "extra": (THR0,)},
-        {"name": "flashctl-1x2thr", "world": "bench", "ranks": 1, "threads": 2, "extra": ()},
+        {"name": "flashctl-1x2thr", "world": "bench", "ranks": 1, "threads": 2, "extra": (THR_DS,)},
     ]
     if with_default:
         rows += [
-            # before: the layout shipped until issue 12 (threshold 0, 2 ranks x 1 thread)
-            {"name": "default-before", "world": "default", "ranks": 2, "threads": 1, "extra": (THR0,)},
+            # before: the layout shipped until issue 12 (threshold 0, per-sub-module gathers, 2 ranks x 1 thread)
+            {"name": "default-before", "world": "default", "ranks": 2, "threads": 1, "extra": (THR0, SUB)},
             # after: the embedded default exactly as flashctl/assets/tiny-cpu.yaml ships it
             {"name": "default-after", "world": "default", "ranks": None, "threads": None, "extra": ()},
         ]
@@ -303,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
         "ratios": {
             "flashctl1_over_minimal": ratio("flashctl-1", "minimal"),
             "flashctl1_thr0_over_minimal": ratio("flashctl-1-thr0", "minimal"),
+            "flashctl1_sub_over_minimal": ratio("flashctl-1-sub", "minimal"),
+            "flashctl1_sub_thr0_over_minimal": ratio("flashctl-1-sub-thr0", "minimal"),
             "flashctl2_over_flashctl1": ratio("flashctl-2", "flashctl-1"),
             "flashctl1x2thr_over_flashctl1": ratio("flashctl-1x2thr", "flashctl-1"),
             "default_after_speedup": ratio("default-before", "default-after"),
@@ -334,8 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     def fmt(v: float | None) -> str:
         return "n/a" if v is None else f"x{v:.2f}"
 
-    out.print(f"flashctl-1 / minimal: {fmt(rt['flashctl1_over_minimal'])} with DeepSpeed's default persistence "
-              f"threshold, {fmt(rt['flashctl1_thr0_over_minimal'])} with threshold 0; "
+    out.print(f"flashctl-1 / minimal, per-block gathers: {fmt(rt['flashctl1_over_minimal'])} with DeepSpeed's default "
+              f"persistence threshold, {fmt(rt['flashctl1_thr0_over_minimal'])} with threshold 0; per-sub-module gathers: "
+              f"{fmt(rt['flashctl1_sub_over_minimal'])} and {fmt(rt['flashctl1_sub_thr0_over_minimal'])}; "
               f"1 rank x 2 threads / 1 x 1: {fmt(rt['flashctl1x2thr_over_flashctl1'])} per round; "
               f"embedded default before / after: {fmt(rt['default_after_speedup'])}; "
               f"total {report['total_bench_s']:.0f}s -> {args.out}")

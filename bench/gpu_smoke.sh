@@ -9,7 +9,8 @@
 # random tiny teacher of the same architecture if the assets are missing), 200 shapes rows, bf16,
 # ZeRO-3, 1 rank (torchrun + NCCL), gradient checkpointing on (the CUDA default), tracking off:
 #   part 1  `flashctl distill` twice, STEPS generator steps each: deepspeed.param_persistence_threshold=0
-#           (every tensor partitioned: ZeRO-3's gathers for real) and DeepSpeed's default (null), the
+#           (every tensor partitioned: ZeRO-3's gathers for real, one per transformer block as
+#           deepspeed.gather: block does by default, with activation checkpointing) and DeepSpeed's default (null), the
 #           threshold each engine really got (ds_config.json), steady-state steps/s of each (from the
 #           progress lines, after the first 20% of steps) and incl. warm-up, and the ratio side by side;
 #   part 3  the end-of-run eval of the threshold-0 run (eval.n_t2i=eval.n_edit=EVAL_N, no diversity
@@ -294,7 +295,7 @@ for name in names:
     steady = (b[0] - a[0]) / den if den > 0 else float("nan")
     incl = m["train/samples_per_s"] / (spec.distill.batch_size * spec.launch.nproc_per_node)
     rates[name] = steady
-    say(f"part {part} | {name}: threshold {thr}, grad checkpointing {spec.gradient_checkpointing()}, "
+    say(f"part {part} | {name}: threshold {thr}, gather {spec.deepspeed.gather}, grad checkpointing {spec.gradient_checkpointing()}, "
         f"{s['steps']} steps: {steady:.3f} steps/s steady (steps {a[0] if a else '?'}-{b[0] if b else '?'}), "
         f"{incl:.3f} steps/s incl. warm-up; last G {m['train/loss_generator']:.4f} C {m['train/loss_critic']:.4f}")
     gan = {k: m[k] for k in ("train/loss_gan_d", "train/loss_gan_g", "train/d_acc_real", "train/d_acc_fake") if k in m}

@@ -366,7 +366,14 @@ class DeepSpeedSpec(_Model):
     param_persistence_threshold: int | None = Field(None, ge=0)
     """ZeRO-3 `stage3_param_persistence_threshold`: parameters with fewer elements stay whole on
     every rank. None: DeepSpeed's default (100,000, which keeps every tensor of the tiny CPU
-    models whole); 0 partitions every tensor (exercises ZeRO-3's gathers, at a hook cost)."""
+    models whole); 0 partitions every tensor (exercises ZeRO-3's gathers for real)."""
+    gather: Literal["block", "submodule"] = "block"
+    """ZeRO-3 gather unit of partitioned models. `block`: each transformer block is gathered whole
+    on entry and released on exit (DeepSpeed leaf modules; one gather per block, as FSDP wraps
+    per block); `submodule`: DeepSpeed's own default, every Linear and norm gathered apart, a few
+    hundred Python hooks per forward. Peak memory per rank grows by one gathered block. With
+    `distill.gan_weight` > 0 the critic keeps `submodule` (its generator-step backward would
+    reduce a block's gradients twice)."""
     prefetch_bucket_size: int | None = Field(None, ge=0)
     """ZeRO-3 `stage3_prefetch_bucket_size` (elements fetched ahead). None: DeepSpeed's default
     (50,000,000)."""
