@@ -356,8 +356,9 @@ def evaluate_models(
     `sample_interleaved`; on `EvalStopped` nothing is written to results.json.
 
     `cached`: {model name: cache folder} (e.g. `teacher_cache_dir`). A model whose folder is
-    complete is not sampled: its results, metrics and images are copied from there, without its
-    timing (speed-ups are only measured within one evaluation; `timing.cached` names it).
+    complete is not sampled: its results, metrics and images are copied from there
+    (`timing.cached` names it). Its timing is this run's: it is timed interleaved with the
+    sampled models on `timing_rows` (`timing.subset`), and the speed-ups come from that subset.
     Otherwise it is sampled and stored there for the next evaluation with the same key.
     """
     out_dir = Path(out_dir)
@@ -370,6 +371,9 @@ def evaluate_models(
     part = (_evaluate_part(adapter, sample, rows, out_dir, seed, progress, repeats, rank, world, should_stop,
                            diversity_seeds) if sample else {"rank": rank, "models": {}, "rows": 0, "batches": 0,
                                                            "padding": 0})
+    # a cached model's accuracy is the stored run's, but its timing must be this run's: it is
+    # timed interleaved with the sampled models on a few batches per task (`timing_rows`)
+    timing = _time_subset(adapter, models, rows, seed, rank, world, should_stop, gather_all) if hits and sample else None
     parts = gather_all(part)
     if rank != 0:
         return None
@@ -377,13 +381,22 @@ def evaluate_models(
     for name in hits:
         stored = load_cached(cached[name], out_dir / "images" / name)
         results["models"][name] = stored["summary"]
-        # accuracy and images are the stored run's; its timing is not this run's, and a speed-up
-        # across two processes on differently loaded machines would not be honest: left out
+        # the stored run's timing is not this run's (another process, another machine load)
         results["metrics"].update({k: v for k, v in stored["metrics"].items()
                                    if not k.endswith(("/sec_per_image", "/denoise_sec_per_image"))})
+        if timing is not None:
+            sec, den = timing["seconds_per_image"][name]
+            results["models"][name].update(sec_per_image=sec, denoise_sec_per_image=den)
+            results["metrics"].update({eval_metric(name, "sec_per_image"): sec,
+                                       eval_metric(name, "denoise_sec_per_image"): den})
     results["models"] = {n: results["models"][n] for n in models}
     results["timing"]["cached"] = list(hits)
     results["metrics"].update(relative_metrics(results["metrics"]))
+    if timing is not None:  # speed-ups only between timings of the same batches
+        results["timing"]["subset"] = timing
+        sub = {eval_metric(n, k): v for n, (sec, den) in timing["seconds_per_image"].items()
+               for k, v in (("sec_per_image", sec), ("denoise_sec_per_image", den), ("nfe", float(models[n][1].nfe)))}
+        results["metrics"].update(speedup_metrics(sub))
     _write_sources(rows, out_dir / "images" / "source")
     for name in cached.keys() - set(hits):
         prefix = eval_metric(name, "")
@@ -391,6 +404,30 @@ def evaluate_models(
                      {k: v for k, v in results["metrics"].items() if k.startswith(prefix)}, out_dir / "images" / name)
     atomic_write_json(out_dir / "results.json", results)
     return results
+
+
+TIMING_BATCHES = 2
+"""Eval batches per task on which a cached model is timed against the sampled ones."""
+
+
+def timing_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The first `TIMING_BATCHES` x `EVAL_BATCH` rows of each task (T2I and edit cost differ)."""
+    out: list[dict[str, Any]] = []
+    for task in ("t2i", "edit"):
+        out += [r for r in rows if r["task"] == task][: TIMING_BATCHES * EVAL_BATCH]
+    return out
+
+
+def _time_subset(adapter, models, rows, seed: int, rank: int, world: int, should_stop, gather_all) -> dict[str, Any]:
+    """Every model of `models` (cached ones too) sampled interleaved on `timing_rows(rows)`,
+    images discarded: {"rows", "seconds_per_image": {name: (end to end, denoise)}} (a collective
+    when `world` > 1: seconds summed over ranks, per image, as in `merge_parts`)."""
+    sub = timing_rows(rows)
+    got = sample_interleaved(adapter, models, sub, seed, rank=rank, world=world, should_stop=should_stop)
+    parts = gather_all({n: (g["seconds"], g["denoise_seconds"]) for n, g in got.items()})
+    n = max(1, len(sub))
+    return {"rows": len(sub), "seconds_per_image": {name: (sum(p[name][0] for p in parts) / n,
+                                                           sum(p[name][1] for p in parts) / n) for name in models}}
 
 
 def _write_sources(rows: list[dict[str, Any]], folder: Path) -> None:

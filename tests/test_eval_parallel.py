@@ -123,7 +123,7 @@ def test_a_stop_between_batches_writes_no_results(toy_adapter, tmp_path):
 
 
 def test_the_teacher_is_evaluated_once_per_key_and_reused(toy_adapter, tmp_path):
-    from flashctl.evaluate import evaluate_models, store_cached
+    from flashctl.evaluate import evaluate_models, store_cached, timing_rows
     from flashctl.shapes import eval_set
 
     a = toy_adapter
@@ -132,19 +132,27 @@ def test_the_teacher_is_evaluated_once_per_key_and_reused(toy_adapter, tmp_path)
     models = _models(a)
     first = evaluate_models(a, models, rows, tmp_path / "a", seed=0, cached={"teacher": folder})
     assert first["timing"]["cached"] == [] and (folder / "results.json").is_file()
-    # a second evaluation with the key never runs the teacher (None as its network would fail)
-    models["teacher"] = (None, models["teacher"][1])
-    second = evaluate_models(a, models, rows, tmp_path / "b", seed=0, cached={"teacher": folder})
+    # a second evaluation with the key takes the teacher's accuracy and images from the cache,
+    # and times it again, interleaved with the student on the first batches of each task
+    second = evaluate_models(a, _models(a), rows, tmp_path / "b", seed=0, cached={"teacher": folder})
     assert second["timing"]["cached"] == ["teacher"] and list(second["models"]) == ["student", "teacher"]
-    assert second["models"]["teacher"] == first["models"]["teacher"]
-    untimed = {k: v for k, v in first["metrics"].items() if "/teacher/" in k and not k.endswith("sec_per_image")}
-    assert {k: v for k, v in second["metrics"].items() if "/teacher/" in k} == untimed
+    timed = ("sec_per_image", "denoise_sec_per_image")
+    assert ({k: v for k, v in second["models"]["teacher"].items() if k not in timed}
+            == {k: v for k, v in first["models"]["teacher"].items() if k not in timed})
+    accuracy = {k: v for k, v in first["metrics"].items() if "/teacher/" in k and not k.endswith(timed)}
+    assert {k: v for k, v in second["metrics"].items() if "/teacher/" in k and not k.endswith(timed)} == accuracy
     assert second["metrics"]["eval/retention/t2i"] == first["metrics"]["eval/retention/t2i"]
-    # the stored run's timing is not this run's: no speed-up across two evaluations
-    assert "eval/speedup" in first["metrics"] and "eval/speedup" not in second["metrics"]
+    sub = second["timing"]["subset"]
+    assert sub["rows"] == len(timing_rows(rows)) > 0
+    (s_sec, s_den), (t_sec, t_den) = sub["seconds_per_image"]["student"], sub["seconds_per_image"]["teacher"]
+    assert 0 < t_den < t_sec and second["metrics"]["eval/teacher/sec_per_image"] == t_sec
+    # the speed-ups compare the two timings of the same batches, not a full eval with a subset
+    assert second["metrics"]["eval/speedup"] == pytest.approx(t_sec / s_sec)
+    assert second["metrics"]["eval/speedup_denoise"] == pytest.approx(t_den / s_den)
+    assert second["metrics"]["eval/nfe_ratio"] == first["metrics"]["eval/nfe_ratio"]
     from flashctl.distill.worker import _print_eval
 
-    _print_eval(second["metrics"])  # the worker's summary table shows the reused teacher as untimed
+    _print_eval(second["metrics"])
     for r in rows:
         png = f"images/teacher/{r['id']}.png"
         assert (tmp_path / "b" / png).read_bytes() == (tmp_path / "a" / png).read_bytes()

@@ -584,7 +584,8 @@ def _evaluate(job: DistillJob, tracker, stop) -> dict[str, float] | None:
                                   should_stop=lambda: stop.should_stop(job.device),
                                   diversity_seeds=spec.eval.diversity_seeds, cached=cached)
         if job.rank == 0 and res["timing"]["cached"]:
-            announce(f"teacher evaluation reused from {cached['teacher']}")
+            announce(f"teacher evaluation reused from {cached['teacher']} (accuracy and images; timed again "
+                     f"interleaved with the student on {res['timing'].get('subset', {}).get('rows', 0)} rows)")
     if job.rank != 0:
         return None
     tracker.log_metrics(res["metrics"], spec.distill.steps)
@@ -610,7 +611,7 @@ def _eval_encoders(job: DistillJob) -> None:
 
 
 def _seconds(value: float | None) -> str:
-    return "reused" if value is None else f"{value:.4f}"  # a teacher eval reused from the cache is not timed
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 def _print_eval(m: dict[str, float], ranks: list[dict[str, int]] | None = None) -> None:
