@@ -152,6 +152,7 @@ def summarise(rounds: list[dict[str, Any]], warmup: int) -> dict[str, float]:
 
 THR0 = "deepspeed.param_persistence_threshold=0"
 THR_DS = "deepspeed.param_persistence_threshold=null"  # DeepSpeed's own default (1e5), whatever the yaml sets
+MEL0 = "deepspeed.memory_efficient_linear=false"  # plain F.linear instead of DeepSpeed's autograd Function
 SUB = "deepspeed.gather=submodule"  # DeepSpeed's own gather unit (every Linear / norm apart)
 
 
@@ -176,6 +177,7 @@ def layouts(with_default: bool) -> list[dict[str, Any]]:
         {"name": "minimal", "world": "bench", "ranks": 1, "threads": 1},
         {"name": "flashctl-1", "world": "bench", "ranks": 1, "threads": 1, "extra": (THR_DS,)},
         {"name": "flashctl-1-thr0", "world": "bench", "ranks": 1, "threads": 1, "extra": (THR0,)},
+        {"name": "flashctl-1-mel0", "world": "bench", "ranks": 1, "threads": 1, "extra": (THR_DS, MEL0)},
         {"name": "flashctl-1-sub", "world": "bench", "ranks": 1, "threads": 1, "extra": (SUB, THR_DS)},
         {"name": "flashctl-1-sub-thr0", "world": "bench", "ranks": 1, "threads": 1, "extra": (SUB, THR0)},
         {"name": "flashctl-2", "world": "bench", "ranks": 2, "threads": 1, "extra": (THR_DS,)},

@@ -374,6 +374,11 @@ class DeepSpeedSpec(_Model):
     hundred Python hooks per forward. Peak memory per rank grows by one gathered block. With
     `distill.gan_weight` > 0 the critic keeps `submodule` (its generator-step backward would
     reduce a block's gradients twice)."""
+    memory_efficient_linear: bool | None = None
+    """ZeRO-3 `memory_efficient_linear`: DeepSpeed routes every `F.linear` of the process (teachers
+    and eval included) through its own autograd Function. None: DeepSpeed's default (on). Off
+    measured 1.65x vs 1.78x the minimal loop's round time at 1 CPU rank (bench/distill_step.py,
+    row flashctl-1-mel0), within the machine's noise, so the embedded default leaves it on."""
     prefetch_bucket_size: int | None = Field(None, ge=0)
     """ZeRO-3 `stage3_prefetch_bucket_size` (elements fetched ahead). None: DeepSpeed's default
     (50,000,000)."""

@@ -74,12 +74,13 @@ def test_ds_config_export_precision_offload_and_copies():
     assert cfg["optimizer"]["params"]["torch_adam"] is False  # offload -> DeepSpeed CPUAdam
     # ZeRO knobs the spec leaves unset are left to DeepSpeed on every device; set ones pass through
     knobs = ("stage3_param_persistence_threshold", "stage3_prefetch_bucket_size", "stage3_max_live_parameters",
-             "reduce_bucket_size")
+             "reduce_bucket_size", "memory_efficient_linear")
     cpu = eng.ds_config(spec_with(), lr=1e-5, world_size=2)
     assert not any(k in zero or k in cpu["zero_optimization"] for k in knobs)
     tuned = eng.ds_config(spec_with(deepspeed={"param_persistence_threshold": 0, "prefetch_bucket_size": 7,
-                                               "max_live_parameters": 8, "reduce_bucket_size": 9}), 1e-5, 2)
-    assert [tuned["zero_optimization"][k] for k in knobs] == [0, 7, 8, 9]
+                                               "max_live_parameters": 8, "reduce_bucket_size": 9,
+                                               "memory_efficient_linear": False}), 1e-5, 2)
+    assert [tuned["zero_optimization"][k] for k in knobs] == [0, 7, 8, 9, False]
     # two engines never share a dict; a frozen copy has no optimizer
     a, b = eng.ds_config(spec_with(), 1e-5, 2), eng.ds_config(spec_with(), 2e-5, 2)
     assert a["optimizer"] is not b["optimizer"]

@@ -76,7 +76,8 @@ def ds_config(spec: ExperimentSpec, lr: float, world_size: int, export: bool = F
         # the knobs the spec leaves unset (None) are left out: DeepSpeed's own defaults apply
         for key, value in (("stage3_param_persistence_threshold", ds.param_persistence_threshold),
                            ("stage3_prefetch_bucket_size", ds.prefetch_bucket_size),
-                           ("stage3_max_live_parameters", ds.max_live_parameters)):
+                           ("stage3_max_live_parameters", ds.max_live_parameters),
+                           ("memory_efficient_linear", ds.memory_efficient_linear)):
             if value is not None:
                 zero[key] = value
     nvme_path = str(spec.run_dir() / "nvme")
