@@ -7,7 +7,8 @@ Per-GPU memory under the spec's ZeRO stage for every model the distillation hold
   Under stage 3 they are what the engine was measured to hold after a DMD2 round
   (bench/plan_vs_measured.py): 16 bytes per parameter partitioned over all GPUs (2 bf16 params +
   2 bf16 gradient partition + 4 fp32 master + 8 Adam moments; fp32 training: 4 + 4 + 8), 4 bytes
-  x the largest layer (a gathered 16-bit layer and its gradient), the gradient reduce bucket
+  x the gather unit (a gathered 16-bit transformer block, or layer with `deepspeed.gather:
+  submodule`, and its gradient), the gradient reduce bucket
   (`DS_REDUCE_BUCKET_SIZE`), and while an engine steps `STEP_TEMP_BYTES` per partitioned
   parameter (fp32 gradient copy, Adam temporaries), one engine at a time. DeepSpeed's
   `estimate_zero3_model_states_mem_needs` (18 B/param + the layer, no bucket, no step
@@ -141,21 +142,32 @@ class ModelSize:
 
     total: int
     largest_layer: int
-    """Parameters of the largest single module (not counting children): what ZeRO-3 gathers."""
+    """Parameters of the largest single module (not counting children): what ZeRO-3 gathers at a
+    time with `deepspeed.gather: submodule`."""
     source: str
     config: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    largest_block: int = 0
+    """Parameters of the largest transformer block (the model's `_no_split_modules`, children
+    included): what ZeRO-3 gathers at a time with `deepspeed.gather: block`; 0 if it names none."""
+
+    def gathered(self, unit: str) -> int:
+        """Parameters ZeRO-3 holds gathered at a time for the gather unit `unit` (block | submodule)."""
+        return max(self.largest_block, self.largest_layer) if unit == "block" else self.largest_layer
 
 
-def _count(module: Any) -> tuple[int, int]:
-    """(total, largest layer) parameters. Written out instead of DeepSpeed's `model_to_params`
-    because that one de-duplicates by `data_ptr()`, which is 0 for every meta tensor."""
+def _count(module: Any) -> tuple[int, int, int]:
+    """(total, largest layer, largest block) parameters. Written out instead of DeepSpeed's
+    `model_to_params` because that one de-duplicates by `data_ptr()`, which is 0 for every meta tensor."""
     total = sum({id(p): p.numel() for p in module.parameters()}.values())
     largest = max((sum(p.numel() for p in m.parameters(recurse=False)) for m in module.modules()), default=0)
-    return total, largest
+    names = set(getattr(module, "_no_split_modules", None) or [])
+    block = max((sum(p.numel() for p in m.parameters()) for m in module.modules() if type(m).__name__ in names),
+                default=0)
+    return total, largest, block
 
 
 @lru_cache(maxsize=32)
-def _size_from_config(kind: str, config_json: str) -> tuple[int, int]:
+def _size_from_config(kind: str, config_json: str) -> tuple[int, int, int]:
     import torch
 
     config = json.loads(config_json)
@@ -264,8 +276,8 @@ def model_configs(path: str, tiny: TinyModelSpec, where: str) -> tuple[dict[str,
 
 def model_size(config: dict[str, Any], kind: str, source: str) -> ModelSize:
     """Count the parameters of one component config by building it on the meta device."""
-    total, largest = _size_from_config(kind, json.dumps(config, sort_keys=True))
-    return ModelSize(total=total, largest_layer=largest, source=source, config=config)
+    total, largest, block = _size_from_config(kind, json.dumps(config, sort_keys=True))
+    return ModelSize(total=total, largest_layer=largest, source=source, config=config, largest_block=block)
 
 
 # --------------------------------------------------------------------------------------------
@@ -321,8 +333,11 @@ def trainable_memory(
     offload_param: bool = False,
     reduce_bucket_size: int | None = None,
     device: str = "cuda",
+    gather: str = "block",
 ) -> ComponentMemory:
     """Memory of a trainable model with Adam under ZeRO `zero_stage` (see the module docstring).
+    `gather`: the ZeRO-3 gather unit (`deepspeed.gather`), whose parameters and gradient are held
+    gathered while it runs.
 
     Under ZeRO-3 this is what the engine holds, as measured (bench/plan_vs_measured.py), not
     DeepSpeed's estimator (kept as `deepspeed_gb`): gradient partitions in the training dtype
@@ -347,7 +362,7 @@ def trainable_memory(
     params = part(w, 3)
     grads = part(grad_b, 2 if not mixed else 1)
     optim = part(optim_b, 1)
-    working = 2 * w * size.largest_layer if zero_stage == 3 else 0.0
+    working = 2 * w * size.gathered(gather) if zero_stage == 3 else 0.0
     step = 0.0
     if zero_stage == 3:
         bucket = reduce_bucket_size or DS_REDUCE_BUCKET_SIZE
@@ -366,7 +381,7 @@ def trainable_memory(
         from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
         _, gpu, _ = estimate_zero3_model_states_mem_needs(
-            p, size.largest_layer, gpus_per_node, nnodes, cpu_offload=offload_optimizer,
+            p, size.gathered(gather), gpus_per_node, nnodes, cpu_offload=offload_optimizer,
             cpu_offload_params=offload_param, zero_init=True,
         )  # fmt: skip
         ds = gpu / GB
@@ -386,14 +401,14 @@ def trainable_memory(
 
 def frozen_memory(
     name: str, role: str, size: ModelSize, precision: str, world: int, partitioned: bool, offload_param: bool = False,
-    within: str = "",
+    within: str = "", gather: str = "block",
 ) -> ComponentMemory:
     """Memory of a frozen model: parameters only, partitioned over `world` GPUs or replicated.
     `world` is the partition group's size: all ranks, or one node's (`within` = " per node", shown
     in the placement) for teachers with `deepspeed.teacher_shard: node`."""
     w = _bytes_per_param(precision)
     if partitioned:
-        params, working, placement = w * size.total / world, w * size.largest_layer, f"ZeRO-3 /{world}{within}"
+        params, working, placement = w * size.total / world, w * size.gathered(gather), f"ZeRO-3 /{world}{within}"
     else:
         params, working, placement = float(w * size.total), 0.0, "replicated"
     offloaded = 0.0
@@ -594,6 +609,7 @@ def _components(
         trainable_memory(
             name, sizes["transformer"], ds.zero_stage, ds.precision, launch.nproc_per_node, launch.nnodes,
             offload_optimizer, offload_param, ds.reduce_bucket_size, launch.device,
+            "submodule" if name == "critic" and spec.distill.gan_weight > 0 else ds.gather,
         )
         for name in ("student", "critic")
     ]  # fmt: skip
@@ -601,7 +617,7 @@ def _components(
     for name, size in teacher_sizes.items():
         comps.append(
             frozen_memory(f"teacher {name}", "teacher", size, ds.precision, shard, partition_teachers, offload_param,
-                          " per node" if shard < world else "")
+                          " per node" if shard < world else "", ds.gather)
         )
     for role in ("text_encoder", "vae"):
         if role in sizes:

@@ -35,6 +35,9 @@ def test_qwen_image_transformer_is_20b_from_its_config():
     assert abs(size.total - 20.4e9) / 20.4e9 < 0.05
     # The largest single layer is a block's 6x modulation Linear: 3072 -> 6*3072 (+ bias).
     assert size.largest_layer == 3072 * 6 * 3072 + 6 * 3072
+    # deepspeed.gather: block gathers a whole transformer block: ~1/60 of the model (60 blocks)
+    assert abs(size.largest_block - size.total / 60) / (size.total / 60) < 0.05
+    assert size.gathered("block") == size.largest_block and size.gathered("submodule") == size.largest_layer
     te = model_size(QWEN_IMAGE_TEXT_ENCODER, "text_encoder", "test")
     assert abs(te.total - 8.29e9) / 8.29e9 < 0.01  # Qwen2.5-VL-7B
 
@@ -54,10 +57,10 @@ def test_bf16_zero3_rows_count_what_the_engine_holds_and_fit_only_with_checkpoin
     result = plan(load_spec(QWEN))
     student = _row(result, "student")
     # held (bench/plan_vs_measured.py): 16 bytes per parameter over 64 GPUs (2 bf16 params + 2 bf16
-    # gradient partition + 4 fp32 master + 8 Adam) + a gathered 16-bit layer and its gradient +
-    # DeepSpeed's 5e8-element bf16 gradient reduce bucket; DeepSpeed's estimator (18 B/param, no
-    # bucket) is shown beside it
-    n, largest = student.size.total, student.size.largest_layer
+    # gradient partition + 4 fp32 master + 8 Adam) + a gathered 16-bit transformer block (the gather
+    # unit) and its gradient + DeepSpeed's 5e8-element bf16 gradient reduce bucket; DeepSpeed's
+    # estimator (18 B/param, no bucket) is shown beside it
+    n, largest = student.size.total, student.size.largest_block
     assert student.total_gb * 1024**3 == pytest.approx(16 * n / 64 + 4 * largest + 2 * 5e8, rel=1e-6)
     assert student.deepspeed_gb * 1024**3 == pytest.approx(18 * n / 64 + 4 * largest, rel=1e-6)
     # while one engine steps: its fp32 gradient copy + AdamW's (foreach) sqrt, 8 B per partitioned param
@@ -104,7 +107,7 @@ def test_offload_moves_states_off_the_gpu():
     both = trainable_memory("student", size, 3, "bf16", 8, 8, offload_optimizer=True, offload_param=True)
     assert opt.grads_gb == opt.optim_gb == 0 and opt.params_gb == base.params_gb
     bucket = 2 * 5e8  # the gradient reduce bucket stays on the GPU
-    assert both.params_gb == 0 and both.total_gb == pytest.approx((4 * size.largest_layer + bucket) / 1024**3)
+    assert both.params_gb == 0 and both.total_gb == pytest.approx((4 * size.largest_block + bucket) / 1024**3)
     for row in (opt, both):
         assert row.total_gb == pytest.approx(row.deepspeed_gb + bucket / 1024**3, rel=1e-6)
         assert row.step_gb == 0  # CPU Adam steps in host memory
