@@ -358,7 +358,8 @@ def evaluate_models(
     `cached`: {model name: cache folder} (e.g. `teacher_cache_dir`). A model whose folder is
     complete is not sampled: its results, metrics and images are copied from there
     (`timing.cached` names it). Its timing is this run's: it is timed interleaved with the
-    sampled models on `timing_rows` (`timing.subset`), and the speed-ups come from that subset.
+    student on `timing_rows` (`timing.subset`); its `sec_per_image` and the speed-ups come from
+    that subset (the student's own `sec_per_image` stays the whole evaluation's).
     Otherwise it is sampled and stored there for the next evaluation with the same key.
     """
     out_dir = Path(out_dir)
@@ -373,7 +374,8 @@ def evaluate_models(
                                                            "padding": 0})
     # a cached model's accuracy is the stored run's, but its timing must be this run's: it is
     # timed interleaved with the sampled models on a few batches per task (`timing_rows`)
-    timing = _time_subset(adapter, models, rows, seed, rank, world, should_stop, gather_all) if hits and sample else None
+    timed = {n: m for n, m in models.items() if n in hits or n == "student"} if "student" in sample else models
+    timing = _time_subset(adapter, timed, rows, seed, rank, world, should_stop, gather_all) if hits and sample else None
     parts = gather_all(part)
     if rank != 0:
         return None
@@ -384,9 +386,10 @@ def evaluate_models(
         # the stored run's timing is not this run's (another process, another machine load)
         results["metrics"].update({k: v for k, v in stored["metrics"].items()
                                    if not k.endswith(("/sec_per_image", "/denoise_sec_per_image"))})
+        results["models"][name].pop("batch_seconds", None)  # the stored run's
         if timing is not None:
             sec, den = timing["seconds_per_image"][name]
-            results["models"][name].update(sec_per_image=sec, denoise_sec_per_image=den)
+            results["models"][name].update(sec_per_image=sec, denoise_sec_per_image=den, timed_on="timing.subset")
             results["metrics"].update({eval_metric(name, "sec_per_image"): sec,
                                        eval_metric(name, "denoise_sec_per_image"): den})
     results["models"] = {n: results["models"][n] for n in models}
@@ -395,7 +398,7 @@ def evaluate_models(
     if timing is not None:  # speed-ups only between timings of the same batches
         results["timing"]["subset"] = timing
         sub = {eval_metric(n, k): v for n, (sec, den) in timing["seconds_per_image"].items()
-               for k, v in (("sec_per_image", sec), ("denoise_sec_per_image", den), ("nfe", float(models[n][1].nfe)))}
+               for k, v in (("sec_per_image", sec), ("denoise_sec_per_image", den), ("nfe", float(timed[n][1].nfe)))}
         results["metrics"].update(speedup_metrics(sub))
     _write_sources(rows, out_dir / "images" / "source")
     for name in cached.keys() - set(hits):
@@ -406,20 +409,28 @@ def evaluate_models(
     return results
 
 
-TIMING_BATCHES = 2
-"""Eval batches per task on which a cached model is timed against the sampled ones."""
+TIMING_BATCHES = 3
+"""Eval batches per task on which a cached model is timed against the student."""
 
 
 def timing_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The first `TIMING_BATCHES` x `EVAL_BATCH` rows of each task (T2I and edit cost differ)."""
+    """Up to `TIMING_BATCHES` eval batches per task (T2I and edit cost differ), each a whole
+    batch of `sample_interleaved`'s grouping where there is one, of different image sizes first."""
     out: list[dict[str, Any]] = []
     for task in ("t2i", "edit"):
-        out += [r for r in rows if r["task"] == task][: TIMING_BATCHES * EVAL_BATCH]
+        chunks = _groups([r for r in rows if r["task"] == task], EVAL_BATCH)
+        full = [c for c in chunks if len(c) == EVAL_BATCH] or chunks
+        by_size: dict[tuple, list] = {}
+        for c in full:
+            by_size.setdefault((c[0]["width"], c[0]["height"]), []).append(c)
+        order = [c for k in range(len(full)) for cs in by_size.values() if k < len(cs) for c in [cs[k]]]
+        for c in order[:TIMING_BATCHES]:
+            out += c
     return out
 
 
 def _time_subset(adapter, models, rows, seed: int, rank: int, world: int, should_stop, gather_all) -> dict[str, Any]:
-    """Every model of `models` (cached ones too) sampled interleaved on `timing_rows(rows)`,
+    """`models` (the student and the cached ones) sampled interleaved on `timing_rows(rows)`,
     images discarded: {"rows", "seconds_per_image": {name: (end to end, denoise)}} (a collective
     when `world` > 1: seconds summed over ranks, per image, as in `merge_parts`)."""
     sub = timing_rows(rows)

@@ -136,7 +136,7 @@ def test_the_teacher_is_evaluated_once_per_key_and_reused(toy_adapter, tmp_path)
     # and times it again, interleaved with the student on the first batches of each task
     second = evaluate_models(a, _models(a), rows, tmp_path / "b", seed=0, cached={"teacher": folder})
     assert second["timing"]["cached"] == ["teacher"] and list(second["models"]) == ["student", "teacher"]
-    timed = ("sec_per_image", "denoise_sec_per_image")
+    timed = ("sec_per_image", "denoise_sec_per_image", "batch_seconds", "timed_on")
     assert ({k: v for k, v in second["models"]["teacher"].items() if k not in timed}
             == {k: v for k, v in first["models"]["teacher"].items() if k not in timed})
     accuracy = {k: v for k, v in first["metrics"].items() if "/teacher/" in k and not k.endswith(timed)}
@@ -144,6 +144,8 @@ def test_the_teacher_is_evaluated_once_per_key_and_reused(toy_adapter, tmp_path)
     assert second["metrics"]["eval/retention/t2i"] == first["metrics"]["eval/retention/t2i"]
     sub = second["timing"]["subset"]
     assert sub["rows"] == len(timing_rows(rows)) > 0
+    assert set(sub["seconds_per_image"]) == {"student", "teacher"}  # only the cached model and the student
+    assert "batch_seconds" not in second["models"]["teacher"]  # the stored run's batches are not this run's
     (s_sec, s_den), (t_sec, t_den) = sub["seconds_per_image"]["student"], sub["seconds_per_image"]["teacher"]
     assert 0 < t_den < t_sec and second["metrics"]["eval/teacher/sec_per_image"] == t_sec
     # the speed-ups compare the two timings of the same batches, not a full eval with a subset
@@ -159,6 +161,20 @@ def test_the_teacher_is_evaluated_once_per_key_and_reused(toy_adapter, tmp_path)
     # a concurrent evaluation that finishes second keeps the first one's entry
     assert not store_cached(folder, {"other": 1}, {}, tmp_path / "a" / "images" / "teacher")
     assert json.loads((folder / "results.json").read_text())["summary"] == first["models"]["teacher"]
+
+
+def test_timing_rows_are_whole_batches_of_each_task_across_image_sizes():
+    from flashctl.evaluate import EVAL_BATCH, TIMING_BATCHES, _groups, timing_rows
+    from flashctl.shapes import eval_set
+
+    rows = eval_set(0, 120, 120)
+    sub = timing_rows(rows)
+    for task in ("t2i", "edit"):
+        mine = [r for r in sub if r["task"] == task]
+        assert len(mine) == TIMING_BATCHES * EVAL_BATCH
+        chunks = _groups(mine, EVAL_BATCH)
+        assert len(chunks) == TIMING_BATCHES and all(len(c) == EVAL_BATCH for c in chunks)
+        assert len({(c[0]["width"], c[0]["height"]) for c in chunks}) > 1  # not all one aspect
 
 
 def test_teacher_cache_key_follows_the_teacher_and_eval_set_not_the_student():

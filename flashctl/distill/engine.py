@@ -246,7 +246,8 @@ def gather_blocks(model: nn.Module) -> list[nn.Module]:
     unit never to split). DeepSpeed reduces a leaf's gradients in a full backward hook, which
     sees only positional inputs; diffusers calls its blocks with keyword arguments, so the hook
     would fire before the block's own backward ran (and its gradients be lost). A forward
-    pre-hook therefore passes every argument of a block positionally, in signature order.
+    pre-hook therefore passes every argument of a block positionally, in signature order
+    (defaults filled in; only a `**kwargs` catch-all stays keyword).
     """
     import inspect
 
@@ -260,7 +261,9 @@ def gather_blocks(model: nn.Module) -> list[nn.Module]:
         signature = inspect.signature(block.forward)
 
         def positional(module, args, kwargs, signature=signature):
-            return tuple(signature.bind(*args, **kwargs).arguments.values()), {}
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()  # an argument left out must not shift the later ones
+            return bound.args, bound.kwargs
 
         block.register_forward_pre_hook(positional, with_kwargs=True, prepend=True)
     return blocks
