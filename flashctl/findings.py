@@ -4,9 +4,10 @@ it beats the others on the same rows and seeds, and how that compares with the p
 Pure: inputs are per-row verifier outcomes of each cell's student (from its `eval/results.json`),
 keyed so that the same key means the same eval row, sampled with the same seed, in a cell that
 differs only in the factor being compared. Intervals are Wilson, comparisons exact McNemar
-(`flashctl.stats`). A level "wins" a task only when it has the highest accuracy AND every paired
-test against another level gives p < `ALPHA`; otherwise the finding says the levels cannot be
-told apart at this eval size, which is a result, not a failure.
+(`flashctl.stats`), the best level's tests against the others Holm-adjusted as one family (the
+best is picked after looking). A level "wins" a task only when it has the highest accuracy AND
+every adjusted paired test against another level gives p < `ALPHA`; otherwise the finding says
+the levels cannot be told apart at this eval size, which is a result, not a failure.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from flashctl.stats import Interval, PairedTest, Spread, accuracy_interval, paired_test, spread
+from flashctl.stats import Interval, PairedTest, Spread, accuracy_interval, holm, paired_test, spread
 
 ALPHA = 0.05
 SEED_FACTOR = "seed"
@@ -61,6 +62,11 @@ class MetricFinding:
     best: str | None
     tests: dict[str, PairedTest] = field(default_factory=dict)  # best vs each other level
     significant: bool = False
+    adjusted: dict[str, float] = field(default_factory=dict)  # Holm-adjusted p of each test
+
+    def p(self, level: str) -> float:
+        """The Holm-adjusted p-value of the best level against `level`."""
+        return self.adjusted.get(level, self.tests[level].p_value)
 
     def sentence(self) -> str:
         name = METRICS.get(self.metric, self.metric)
@@ -70,13 +76,14 @@ class MetricFinding:
         acc = f"{100 * best.interval.estimate:.1f}% [{100 * best.interval.low:.1f}, {100 * best.interval.high:.1f}]"
         if len(self.levels) < 2:
             return f"{self.factor}, {name}: only {self.best} ran ({acc})."
-        worst_p = max(t.p_value for t in self.tests.values()) if self.tests else 1.0
+        worst_p = max(self.p(lv) for lv in self.tests) if self.tests else 1.0
+        holm_note = ", Holm-adjusted" if len(self.tests) > 1 else ""
         if self.significant:
             return (f"{self.factor}, {name}: {self.best} is best ({acc}) and beats every other level "
-                    f"on the same rows and seeds (McNemar p <= {worst_p:.3g}).")
-        close = [lv for lv, t in self.tests.items() if t.p_value >= ALPHA]
+                    f"on the same rows and seeds (McNemar p <= {worst_p:.3g}{holm_note}).")
+        close = [lv for lv in self.tests if self.p(lv) >= ALPHA]
         return (f"{self.factor}, {name}: {self.best} scores highest ({acc}) but cannot be told apart from "
-                f"{', '.join(close)} at this eval size (McNemar p = {worst_p:.3g}).")
+                f"{', '.join(close)} at this eval size (McNemar p = {worst_p:.3g}{holm_note}).")
 
 
 @dataclass
@@ -102,8 +109,9 @@ def compare(factor: str, metric: str, outcomes: Mapping[str, Outcomes],
         return MetricFinding(factor, metric, [], None)
     best = max(levels, key=lambda r: r.interval.estimate).level
     tests = {lv: paired_test(outcomes[best], outcomes[lv]) for lv in outcomes if lv != best and outcomes[lv]}
-    significant = bool(tests) and all(t.p_value < ALPHA and t.difference > 0 for t in tests.values())
-    return MetricFinding(factor, metric, levels, best, tests, significant)
+    adjusted = holm({lv: t.p_value for lv, t in tests.items()})
+    significant = bool(tests) and all(adjusted[lv] < ALPHA and t.difference > 0 for lv, t in tests.items())
+    return MetricFinding(factor, metric, levels, best, tests, significant, adjusted)
 
 
 def _acc(f: MetricFinding, level: str) -> float | None:
@@ -156,15 +164,15 @@ def paired_test_against(f: MetricFinding, level: str) -> tuple[str, float] | Non
     """A level significantly better than `level` in `f`, with its p-value (None if none)."""
     for other in (r.level for r in f.levels):
         if other != level and _significantly(f, other, level):
-            return other, f.tests[level].p_value
+            return other, f.p(level)
     return None
 
 
 def _significantly(f: MetricFinding, a: str, b: str) -> bool:
-    """`a` beats `b` with p < ALPHA in `f` (tests are stored best-vs-other: only pairs with the best)."""
+    """`a` beats `b` with Holm-adjusted p < ALPHA in `f` (tests are stored best-vs-other: only pairs
+    with the best)."""
     if f.best == a and b in f.tests:
-        t = f.tests[b]
-        return t.p_value < ALPHA and t.difference > 0
+        return f.p(b) < ALPHA and f.tests[b].difference > 0
     return False
 
 

@@ -817,7 +817,7 @@ def _ci(r) -> str:
 
 def findings_rows(finding: FactorFinding) -> tuple[list[str], list[list[str]]]:
     """Header and rows of a factor's findings table: per level, accuracy [95% CI] and the
-    McNemar p-value against the best level, for each outcome group."""
+    McNemar p-value against the best level (Holm-adjusted over the levels), for each outcome group."""
     metrics = list(finding.metrics.values())
     header = [finding.factor] + [f"{METRICS[m.metric]} % [95% CI]" for m in metrics] + \
              [f"p vs best ({METRICS[m.metric].split(' (')[0]})" for m in metrics]
@@ -828,8 +828,7 @@ def findings_rows(finding: FactorFinding) -> tuple[list[str], list[list[str]]]:
         for m in metrics:
             r = next((r for r in m.levels if r.level == lv), None)
             cells.append("—" if r is None else _ci(r) + (" ★" if lv == m.best else ""))
-            t = m.tests.get(lv)
-            ps.append("best" if lv == m.best else ("—" if t is None else f"{t.p_value:.3g}"))
+            ps.append("best" if lv == m.best else ("—" if lv not in m.tests else f"{m.p(lv):.3g}"))
         rows.append(cells + ps)
     return header, rows
 
@@ -850,7 +849,7 @@ def print_findings(findings: Sequence[FactorFinding], console) -> None:
 
     for f in findings:
         header, rows = findings_rows(f)
-        t = Table(title=f"{f.factor}: findings (student; Wilson 95% intervals, exact McNemar on the same rows and seeds)",
+        t = Table(title=f"{f.factor}: findings (student; Wilson 95% intervals, exact McNemar on the same rows and seeds, Holm-adjusted)",
                   title_justify="left")
         for i, h in enumerate(header):
             t.add_column(h, justify="left" if i == 0 else "right")
@@ -864,7 +863,7 @@ def print_findings(findings: Sequence[FactorFinding], console) -> None:
 def findings_markdown(findings: Sequence[FactorFinding]) -> str:
     lines = ["## Findings", "",
              "Student accuracy with Wilson 95% intervals; p = exact McNemar test against the best level on "
-             "the same eval rows and seeds; ★ = best.", ""]
+             "the same eval rows and seeds, Holm-adjusted over the other levels; ★ = best.", ""]
     for f in findings:
         header, rows = findings_rows(f)
         lines += [f"### {f.factor}", "", "| " + " | ".join(_md_escape(h) for h in header) + " |",
@@ -877,7 +876,8 @@ def findings_markdown(findings: Sequence[FactorFinding]) -> str:
 def findings_html(findings: Sequence[FactorFinding]) -> str:
     e = html.escape
     parts = ['<h2 id="findings">Findings</h2><p class="meta">Student accuracy with Wilson 95% intervals; '
-             "p = exact McNemar test against the best level on the same eval rows and seeds; ★ = best.</p>"]
+             "p = exact McNemar test against the best level on the same eval rows and seeds, Holm-adjusted "
+             "over the other levels; ★ = best.</p>"]
     for f in findings:
         header, rows = findings_rows(f)
         verdict = f'<span class="verdict {e(f.verdict.replace(" ", "-"))}">{e(f.verdict)}</span>'

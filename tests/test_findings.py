@@ -80,3 +80,18 @@ def test_equal_text_rendering_is_inconclusive_not_agreement():
              ({"data-composition": "portrait-only"}, rows("t2i", [i < 10 for i in range(20)], "text"))]
     pooled, _ = group_outcomes(cells, "data-composition", ["data-composition"])
     assert factor_finding("data-composition", pooled).verdict == "inconclusive"
+
+
+def test_one_small_p_among_five_levels_is_not_a_finding_after_holm():
+    """specialised beats stepwise on 6 discordant edit rows, all its way (raw McNemar p = 2/2^6 =
+    0.031), but it is one of four tests of a best level picked after looking: Holm multiplies the
+    smallest p by 4 (0.125), so neither a winner nor a disagreement with the paper is claimed."""
+    right = {"specialised": 50, "stepwise": 44, "single": 48, "stepwise-3": 49, "stepwise-01": 49}
+    cells = [({"teacher-guidance": lv}, rows("edit", [i < k for i in range(100)])) for lv, k in right.items()]
+    pooled, _ = group_outcomes(cells, "teacher-guidance", ["teacher-guidance"])
+    f = factor_finding("teacher-guidance", pooled)
+    edit = f.metrics["edit"]
+    assert edit.best == "specialised" and edit.tests["stepwise"].p_value == pytest.approx(mcnemar_exact(6, 0))
+    assert edit.p("stepwise") == pytest.approx(4 * mcnemar_exact(6, 0))
+    assert not edit.significant and f.verdict == "inconclusive"
+    assert "Holm-adjusted" in edit.sentence()

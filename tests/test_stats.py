@@ -51,3 +51,14 @@ def test_spread_over_seeds():
     s = spread([0.5, 0.7, 0.6])
     assert s.mean == pytest.approx(0.6) and s.std == pytest.approx(0.1) and (s.low, s.high, s.n) == (0.5, 0.7, 3)
     assert spread([0.4]).std == 0.0 and spread([]).n == 0
+
+
+def test_holm_adjusts_by_hand_and_keeps_the_order():
+    from flashctl.stats import holm
+
+    # sorted 0.01, 0.02, 0.04 with m = 3: 3 x 0.01 = 0.03, 2 x 0.02 = 0.04, 1 x 0.04 = 0.04
+    assert holm({"a": 0.04, "b": 0.01, "c": 0.02}) == pytest.approx({"a": 0.04, "b": 0.03, "c": 0.04})
+    # monotone: a larger raw p never gets a smaller adjusted one; capped at 1
+    assert holm({"a": 0.5, "b": 0.3}) == pytest.approx({"a": 0.6, "b": 0.6})
+    assert holm({"only": 0.03}) == {"only": 0.03}  # two levels: one test, nothing to adjust
+    assert holm({}) == {}
