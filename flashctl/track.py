@@ -252,7 +252,20 @@ class Tracker:
             source = resolve_dataset_source(str(Path(root).resolve()))
         dataset = MetaDataset(source=source, name=name, digest=digest[:36])
         tag = InputTag(key="mlflow.data.context", value=context)
-        self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[tag])])
+        inputs = [DatasetInput(dataset._to_mlflow_entity(), tags=[tag])]
+        from mlflow.exceptions import MlflowException
+
+        for attempt in range(3):
+            try:
+                self.client.log_inputs(self.run_id, datasets=inputs)
+                return
+            except MlflowException as exc:
+                # MLflow's SQL store gets-or-creates a dataset in two statements: parallel grid
+                # cells logging the same shards race to insert it (UNIQUE constraint on datasets).
+                # The loser's retry finds the winner's row and links to it.
+                if "UNIQUE constraint" not in str(exc) or attempt == 2:
+                    raise
+                time.sleep(0.5 * (attempt + 1))
 
 
 def make_tracker(tracking: TrackingSpec, run_dir: Path, run_name: str, rank: int = 0,
