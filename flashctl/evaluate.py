@@ -8,6 +8,7 @@ instruction hold), per category for T2I and per edit type for editing.
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -423,7 +424,7 @@ def timing_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         by_size: dict[tuple, list] = {}
         for c in full:
             by_size.setdefault((c[0]["width"], c[0]["height"]), []).append(c)
-        order = [c for k in range(len(full)) for cs in by_size.values() if k < len(cs) for c in [cs[k]]]
+        order = [c for turn in itertools.zip_longest(*by_size.values()) for c in turn if c is not None]
         for c in order[:TIMING_BATCHES]:
             out += c
     return out

@@ -609,7 +609,7 @@ def _components(
         trainable_memory(
             name, sizes["transformer"], ds.zero_stage, ds.precision, launch.nproc_per_node, launch.nnodes,
             offload_optimizer, offload_param, ds.reduce_bucket_size, launch.device,
-            "submodule" if name == "critic" and spec.distill.gan_weight > 0 else ds.gather,
+            spec.gather_unit(name),
         )
         for name in ("student", "critic")
     ]  # fmt: skip
@@ -617,7 +617,7 @@ def _components(
     for name, size in teacher_sizes.items():
         comps.append(
             frozen_memory(f"teacher {name}", "teacher", size, ds.precision, shard, partition_teachers, offload_param,
-                          " per node" if shard < world else "", ds.gather)
+                          " per node" if shard < world else "", spec.gather_unit("teacher"))
         )
     for role in ("text_encoder", "vae"):
         if role in sizes:

@@ -687,6 +687,14 @@ class ExperimentSpec(_Model):
         rather than plain replicas; `plan` counts the same placement."""
         return self.launch.device == "cuda" and self.deepspeed.zero_stage == 3
 
+    def gather_unit(self, model: str) -> str:
+        """ZeRO-3 gather unit of `model` (student | critic | teacher): `deepspeed.gather`, except a
+        critic with the GAN head, whose generator-step backward (w.r.t. its input only) would make
+        DeepSpeed reduce a block's gradients twice; `plan` and the worker read it here."""
+        if model == "critic" and self.distill.gan_weight > 0:
+            return "submodule"
+        return self.deepspeed.gather
+
     def teacher_shard_ranks(self) -> int:
         """Ranks one partitioned teacher is split over (`deepspeed.teacher_shard`): the world
         size, or the ranks per node; `plan` divides by it, the worker builds the same groups."""

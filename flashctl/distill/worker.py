@@ -71,7 +71,6 @@ class DistillJob:
         if partition_teachers is None:
             partition_teachers = spec.teachers_partitioned()
         self.partition_teachers = bool(partition_teachers) and zero3
-        blocks = spec.deepspeed.gather == "block"
         student_cfg = ds_config(spec, spec.distill.lr_generator, self.world, export=True)
         critic_cfg = ds_config(spec, spec.distill.lr_critic, self.world)
         frozen_cfg = frozen_config(critic_cfg)
@@ -91,7 +90,7 @@ class DistillJob:
             self.teacher_paths[name] = resolve_model_path(t.path)
             if self.partition_teachers:
                 model = build(self.teacher_paths[name], frozen_cfg, self.teacher_group)
-                frozen = make_frozen_engine(model, frozen_cfg, blocks=blocks)
+                frozen = make_frozen_engine(model, frozen_cfg, blocks=spec.gather_unit("teacher") == "block")
             else:
                 frozen = freeze(build(self.teacher_paths[name], None))
             self.teachers[name] = Teacher(frozen, t.cfg_scale, t.cfg_rescale)
@@ -111,12 +110,9 @@ class DistillJob:
         if spec.gradient_checkpointing():
             for model in (student, critic):
                 model.enable_gradient_checkpointing()
-        self.student = make_engine(student, student_cfg, blocks=blocks)
-        # The GAN term differentiates the critic w.r.t. its input in the generator step; DeepSpeed
-        # reduces a gather block's gradients in a full backward hook that fires in ANY backward
-        # through the block (there, zeros reduced twice in one bucket), so that critic keeps
-        # DeepSpeed's per-sub-module gathers.
-        self.critic = make_engine(critic, critic_cfg, blocks=blocks and spec.distill.gan_weight == 0)
+        self.student = make_engine(student, student_cfg, blocks=spec.gather_unit("student") == "block")
+        # a GAN critic keeps per-sub-module gathers (why: ExperimentSpec.gather_unit)
+        self.critic = make_engine(critic, critic_cfg, blocks=spec.gather_unit("critic") == "block")
         del student, critic  # the engines hold the only references
         self.sigmas = student_sigmas(spec.distill.student_steps, spec.distill.shift).to(self.device)
         self.ckpt_dir = run_dir / "checkpoints"
