@@ -376,6 +376,8 @@ def ablate(
     no_wait: bool = typer.Option(False, "--no-wait", help="Slurm: submit the array and return; --resume waits later."),
     seeds: int = typer.Option(1, min=1, help="Repeat every cell over N training seeds (report: mean ± spread, "
                                             "paired tests on row and seed)."),
+    reuse: bool = typer.Option(True, help="Take a cell's results from another grid's finished cell with the same "
+                                          "spec hash, teachers' files and data instead of training it again."),
 ) -> None:
     """Sweep recipe factors: one MLflow parent run per grid, one child run (a distill job) per cell."""
     from flashctl.ablate import ablate as run_ablate
@@ -383,7 +385,7 @@ def ablate(
     spec_path, overrides = split_spec_args(args)
     result = run_ablate(spec_path, overrides, factor, levels.split(",") if levels else None,
                         parallel=parallel, resume=resume, dry_run=dry_run, wait=not no_wait, seeds=seeds,
-                        console=out if dry_run else console)
+                        reuse=reuse, console=out if dry_run else console)
     if not dry_run and not result.ok:
         raise typer.Exit(1)
 

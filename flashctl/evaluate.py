@@ -466,12 +466,12 @@ def teacher_cache_dir(spec: ExperimentSpec, teacher_path: str | Path, rows: list
     import hashlib
     import json
 
+    from flashctl.pipelines import model_files
+
     root = Path(teacher_path).resolve()
-    files = sorted((str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns)
-                   for f in root.rglob("*") if f.is_file() and not f.name.startswith("."))
     e = spec.eval
     ident = {
-        "version": 1, "teacher": str(root), "files": files,
+        "version": 1, "teacher": str(root), "files": model_files(root),
         "rows": [(r["id"], r["prompt"], r.get("scene"), r.get("source_scene")) for r in rows],
         "steps": e.teacher_nfe, "cfg": e.teacher_cfg, "seed": e.seed, "diversity_seeds": e.diversity_seeds,
         "precision": spec.deepspeed.precision, "device": spec.launch.device,

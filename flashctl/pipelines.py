@@ -30,6 +30,26 @@ def resolve_model_path(path: str) -> str:
     return path
 
 
+def model_files(path: str | Path) -> list[tuple[str, int, int]]:
+    """(relative name, size, mtime_ns) of every file of a local model folder, sorted: what
+    identifies its weights without reading them (a 20B teacher is ~40 GB; hashing it would cost
+    minutes). Hidden files are left out. A file rewritten in place, a retrained `builtin:base`
+    included, changes its mtime and so the result."""
+    root = Path(path).resolve()
+    return sorted((str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns)
+                  for f in root.rglob("*") if f.is_file() and not f.name.startswith("."))
+
+
+def model_fingerprint(path: str) -> dict[str, object]:
+    """What a spec's model reference (`builtin:NAME`, a folder, a hub id) stands for today: a
+    local folder by its resolved path and `model_files`, a hub id by its name. A spec hash sees
+    only the reference, so caches and reuse across runs compare this as well."""
+    resolved = resolve_model_path(path)
+    if Path(resolved).is_dir():
+        return {"path": str(Path(resolved).resolve()), "files": model_files(resolved)}
+    return {"hub": resolved}
+
+
 KNOWN_PIPELINES = {
     "Qwen/Qwen-Image": ("QwenImagePipeline", False),
     "Qwen/Qwen-Image-Edit": ("QwenImageEditPipeline", True),

@@ -49,6 +49,7 @@ from flashctl.track import (
     TAG_KIND,
     TAG_LEVEL_OF,
     TAG_LEVELS,
+    TAG_REUSED,
     eval_metric,
     grid_filter,
     hash_tag,
@@ -114,6 +115,8 @@ class CellRun:
     levels: dict[str, str]
     metrics: dict[str, float]
     spec_hash: str = ""
+    reused: bool = False
+    """`run_id` is another grid's run that trained this cell (`ablate --reuse`)."""
 
     def label(self, factors: Sequence[str]) -> str:
         return " · ".join(self.levels.get(f, "?") for f in factors)
@@ -195,8 +198,15 @@ def find_grid(client, parent: str | None = None, experiment: str | None = None) 
             if lv not in levels[f]:
                 levels[f].append(lv)
         key = ctags.get(TAG_CELL) or child.info.run_id
-        by_key[key] = CellRun(child.info.run_id, child.info.run_name or key, child.info.status, cell_levels,
-                              dict(child.data.metrics), hash_tag(ctags))  # newest wins
+        data, source = child, ctags.get(TAG_REUSED)
+        if source:  # another grid trained this cell: its run holds the metrics, curves and images
+            try:
+                data = client.get_run(source)
+            except MlflowException:
+                raise UserError(f"cell {key}: run {child.info.run_id} reuses run {source}, which is no longer "
+                                f"in {uri}; re-run the grid with --resume --no-reuse") from None
+        by_key[key] = CellRun(data.info.run_id, child.info.run_name or key, child.info.status, cell_levels,
+                              dict(data.data.metrics), hash_tag(ctags), reused=bool(source))  # newest wins
     order = {f: {lv: i for i, lv in enumerate(levels.get(f, []))} for f in factors}
     cells = sorted(by_key.values(), key=lambda c: tuple(order[f].get(c.levels.get(f, ""), 1 << 30) for f in factors))
     exp = client.get_experiment(exp_id)
@@ -769,7 +779,8 @@ def render_html(grid: GridRuns, tables: Sequence[ResultTable], plots: dict[str, 
     for c in grid.cells:
         parts.append(f'<tr><td class="lbl">{e(c.label(grid.factors))}</td><td class="lbl">{e(c.name)}</td>'
                      f'<td class="lbl"><code>{e(c.run_id)}</code></td><td class="lbl"><code>{e(c.spec_hash)}</code></td>'
-                     f'<td class="status {e(c.status.lower())}">{e(c.status.lower())}</td></tr>')
+                     f'<td class="status {e(c.status.lower())}">{e(c.status.lower())}'
+                     f'{" (reused from another grid)" if c.reused else ""}</td></tr>')
     parts.append("</tbody></table></body></html>\n")
     return "".join(parts)
 

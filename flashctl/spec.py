@@ -340,6 +340,11 @@ class TeacherTrainSpec(_Model):
     """VAE batch size."""
     lr: float = Field(1e-3, gt=0.0)
     """Learning rate."""
+    decay_steps: int = Field(0, ge=0)
+    """Warmup-stable-decay: the learning rate is constant after warm-up and falls linearly to 0
+    over the last `decay_steps` steps (0 = constant to the end). Chosen over cosine because the
+    stable phase does not depend on `steps`: a finished run's checkpoint before the decay is the
+    same as a longer run's, so `steps` can be raised and training resumed from it."""
     batch_size: int = Field(32, ge=1)
     """Batch size."""
     cond_dropout: float = Field(0.1, ge=0.0, le=1.0)
@@ -348,6 +353,12 @@ class TeacherTrainSpec(_Model):
     """Checkpoint interval in steps."""
     seed: int = 0
     """Training seed."""
+
+    @model_validator(mode="after")
+    def _decay(self) -> "TeacherTrainSpec":
+        if self.decay_steps > self.steps:
+            raise ValueError(f"decay_steps {self.decay_steps} must be <= steps {self.steps}")
+        return self
 
 
 class DeepSpeedSpec(_Model):
@@ -851,11 +862,14 @@ def to_yaml(spec: ExperimentSpec) -> str:
     return yaml.safe_dump(resolved_dict(spec), sort_keys=False)
 
 
-def spec_hash(spec: ExperimentSpec, exclude: tuple[str, ...] = ("run", "tracking", "ablations")) -> str:
-    """Stable hash of the resolved spec (what the run computes), 12 hex chars.
+def spec_hash(spec: ExperimentSpec,
+              exclude: tuple[str, ...] = ("run", "tracking", "ablations", "train_teacher")) -> str:
+    """Stable hash of the resolved spec (what the distill run computes), 12 hex chars.
 
     Run naming, tracking and the ablation table do not change what is trained, so they are
-    left out: the same recipe under another name has the same hash.
+    left out: the same recipe under another name has the same hash. `train_teacher` configures
+    the `train-teacher` command, not the distill job (which reads teachers by `teachers.*.path`),
+    so a new teacher-training knob does not make every finished cell look like another recipe.
     """
     data = {k: v for k, v in resolved_dict(spec).items() if k not in exclude}
     if "launch" in data:  # where and how processes start does not change what is trained

@@ -86,6 +86,15 @@ def build_components(spec: ExperimentSpec, ckpt: Path, console) -> dict[str, Any
     return comps
 
 
+def teacher_lr(step: int, lr: float, steps: int, warmup: int, decay_steps: int) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warm-up over `warmup` steps,
+    constant, then linear decay to 0 over the last `decay_steps` steps (warmup-stable-decay)."""
+    scale = min(1.0, (step + 1) / max(1, warmup))
+    if decay_steps:
+        scale = min(scale, (steps - step) / decay_steps)
+    return lr * scale
+
+
 def _latest(ckpt: Path) -> Path | None:
     pointer = ckpt / "latest"
     if not pointer.is_file():
@@ -178,7 +187,7 @@ def train_teacher(spec: ExperimentSpec, console=None, resume: bool = True) -> di
     with StepProgress("teacher", tt.steps, console, completed=start) as prog:
         for step in range(start, tt.steps):
             for g in opt.param_groups:
-                g["lr"] = tt.lr * min(1.0, (step + 1) / max(1, warmup))
+                g["lr"] = teacher_lr(step, tt.lr, tt.steps, warmup, tt.decay_steps)
             task = "edit" if torch.rand(1, generator=gen).item() < p_edit else "t2i"
             bi = torch.multinomial(weights[task], 1, generator=gen).item()
             bucket = by_task[task][bi]

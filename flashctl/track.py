@@ -51,6 +51,8 @@ TAG_PARENT = "mlflow.parentRunId"
 TAG_ARRAY = "flashctl.slurm_array"  # parent: job id of the grid's latest Slurm array
 TAG_TASK = "flashctl.slurm_task"  # child: "<array job id>_<task index>"
 TAG_SLURM_STATE = "flashctl.slurm_state"  # child: the Slurm state its task ended in
+TAG_INPUTS = "flashctl.inputs"  # child: digest of the teachers' files and the data (`ablate.store.inputs_digest`)
+TAG_REUSED = "flashctl.reused_from"  # child: run id of another grid's finished cell whose results it shows
 
 EVAL_IMAGES = "eval/images"  # artifact folder: eval/images/{model}/{row id}.png
 EVAL_RESULTS = "eval/results.json"  # artifact: every model's per-row results

@@ -299,6 +299,64 @@ def test_sigterm_stops_cells_and_server_and_marks_runs_killed(workdir):
         ("cell", "KILLED"), ("cell", "KILLED"), ("grid", "KILLED")]
 
 
+def test_a_cell_another_grid_trained_is_reused_until_its_teacher_changes(workdir, tiny_world):
+    """Grid B holds the cell grid A finished (same spec hash, teachers' files and data): B runs
+    only its new cell and the report shows A's results for the shared one. `--no-reuse`, or a
+    teacher rewritten in place under the same path, trains it again."""
+    import shutil
+
+    from flashctl.ablate.store import inputs_digest
+    from flashctl.report import make_report
+    from flashctl.track import TAG_INPUTS, TAG_REUSED
+
+    flags = workdir / "flags"
+    flags.mkdir()
+    teacher = workdir / "teacher"
+    shutil.copytree(tiny_world["teacher"], teacher)
+    args = [f"data.root={tiny_world['data']}", f"teachers.base.path={teacher}", f"teachers.edit.path={teacher}",
+            f"tracking.uri=sqlite:///{workdir}/mlflow.db"]
+    build = worker_builder(flags, steps=3, keys=1)
+
+    def run(levels, **kw):
+        grid = plan_grid(TINY, args, ["task-mixture"], levels)
+        return grid, run_grid(grid, command_builder=build, console=quiet(), poll_s=0.1, **kw)
+
+    grid_a, a = run(["9:1"])
+    assert a.ok and [s.status for s in a.cells] == ["finished"]
+    client = _client(grid_a.tracking_uri)
+    digest = client.get_run(a.cells[0].run_id).data.tags[TAG_INPUTS]
+    assert digest == inputs_digest(load_spec(TINY, args)) and len(digest) == 16
+
+    grid_b, b = run(["9:1", "7:3"])
+    assert b.ok and [s.status for s in b.cells] == ["reused", "finished"]
+    assert b.cells[0].reused_from == a.cells[0].run_id
+    shared = client.get_run(b.cells[0].run_id)
+    assert shared.info.status == "FINISHED" and shared.data.tags[TAG_REUSED] == a.cells[0].run_id
+    assert shared.data.tags[TAG_GRID] == grid_b.grid_id and not shared.data.metrics  # trained nowhere else
+    assert not grid_b.cell_log(grid_b.cells[0]).exists()  # no job started for it
+
+    rep = make_report(grid_b.tracking_uri, parent=b.parent_run_id, out=workdir / "rep", formats="csv,html",
+                      console=quiet())
+    (table,) = rep.tables
+    j = [c.key for c in table.columns].index("eval/{m}/t2i_acc")
+    assert [(r.label, r.status, r.values[j]) for r in table.rows] == [
+        ("9:1", "finished", 0.5), ("7:3", "finished", 0.5)]  # 9:1: grid A's run's metric
+    html = next((workdir / "rep").glob("*.html")).read_text()
+    assert "reused from another grid" in html and a.cells[0].run_id in html
+
+    grid_c, c = run(["9:1", "5:5"], reuse=False)
+    assert [s.status for s in c.cells] == ["finished", "finished"]
+
+    weights = next(p for p in teacher.rglob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes())  # the teacher rewritten in place: same path, same hash
+    assert inputs_digest(load_spec(TINY, args)) != digest
+    _, d = run(["9:1", "5:5", "7:3"])
+    assert [s.status for s in d.cells] == ["finished", "finished", "finished"]
+
+    missing = load_spec(TINY, [*args, f"data.root={workdir / 'nowhere'}"])
+    assert inputs_digest(missing) is None  # data not prepared: nothing to compare, nothing reused
+
+
 # --------------------------------------------------------------------------------------------
 # The worker (run as a script by the tests above)
 

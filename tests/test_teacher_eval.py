@@ -44,6 +44,27 @@ def test_train_teacher_lowers_the_loss_resumes_and_exports_a_pipeline(tiny_world
     assert runs.iloc[0]["params.train_teacher.steps"] == "100", "params are logged once, never re-logged"
 
 
+def test_teacher_lr_warms_up_holds_then_decays_linearly_to_zero():
+    from flashctl.teacher import teacher_lr
+
+    lr = lambda step, decay: teacher_lr(step, 1e-3, steps=1000, warmup=100, decay_steps=decay)  # noqa: E731
+    assert lr(0, 0) == pytest.approx(1e-5) and lr(99, 0) == pytest.approx(1e-3)
+    assert lr(999, 0) == pytest.approx(1e-3)  # no decay: constant to the end
+    assert lr(799, 200) == pytest.approx(1e-3)  # stable until the decay starts
+    assert lr(800, 200) == pytest.approx(1e-3)  # (1000 - 800) / 200
+    assert lr(900, 200) == pytest.approx(5e-4)
+    assert lr(999, 200) == pytest.approx(5e-6)  # last step: 1/200 of the peak
+    # the stable phase does not depend on `steps`: a longer run's schedule matches up to its decay
+    assert [teacher_lr(s, 1e-3, 12000, 100, 0) for s in range(0, 12000, 7)] == \
+        [teacher_lr(s, 1e-3, 20000, 100, 8000) for s in range(0, 12000, 7)]
+
+
+def test_decay_longer_than_training_is_a_one_line_error(tmp_path):
+    res = run_cli(["validate", TEACHER_SPEC, "train_teacher.steps=100", "train_teacher.decay_steps=200"], cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr  # validate: 2 = invalid spec
+    assert "train_teacher" in res.stderr and "decay_steps 200 must be <= steps 100" in res.stderr
+
+
 def test_train_teacher_without_data_is_one_line_error(tmp_path):
     res = run_cli(["train-teacher", TEACHER_SPEC, f"data.root={tmp_path}/none", f"train_teacher.output={tmp_path}/t"],
                   cwd=tmp_path)

@@ -13,7 +13,7 @@ from pathlib import Path
 from flashctl.ablate.array import execute_array
 from flashctl.ablate.grid import CommandBuilder, Grid, cell_command, check_array, on_slurm, plan_grid, print_plan
 from flashctl.ablate.local import execute_local, grid_lock, stop_leftover_groups
-from flashctl.ablate.status import GridResult, status_table
+from flashctl.ablate.status import GridResult, event_line, status_table
 from flashctl.ablate.store import prepare_runs
 from flashctl.errors import UserError
 from flashctl.system import signals_interrupt
@@ -28,6 +28,7 @@ def run_grid(
     console=None,
     poll_s: float = 0.5,
     wait: bool = True,
+    reuse: bool = True,
 ) -> GridResult:
     """Run every unfinished cell (up to `parallel` at once) under one MLflow parent run.
 
@@ -36,7 +37,9 @@ def run_grid(
     `resume` is False, or while another process runs it. With `parallel > 1` on a SQLite store,
     cells log through a local `mlflow server` that is stopped before returning. On Slurm
     (`launch.backend: slurm`) the cells run as one job array; `parallel` is then
-    `launch.slurm.array_parallel`, and `wait=False` returns once the array is submitted.
+    `launch.slurm.array_parallel`, and `wait=False` returns once the array is submitted. With
+    `reuse`, a cell that a finished cell of another grid already trained (same spec hash, same
+    teachers' files and data) is not run again: `ablate.store` records it as `reused`.
     """
     from mlflow.tracking import MlflowClient
 
@@ -58,9 +61,12 @@ def run_grid(
     experiment_id = ensure_experiment(direct, grid.experiment, store)
     with grid_lock(grid):
         stop_leftover_groups(grid, console)
-        parent_id, states = prepare_runs(direct, experiment_id, grid, resume)
+        parent_id, states = prepare_runs(direct, experiment_id, grid, resume, reuse)
         direct.update_run(parent_id, status="RUNNING")
-        todo = sum(1 for s in states if s.status != "skipped")
+        todo = sum(1 for s in states if s.status == "pending")
+        for s in states:
+            if s.status == "reused":
+                console.print(event_line(s), highlight=False, markup=False)
         at_once = grid.base_spec.launch.slurm.array_parallel if as_array else parallel
         console.print(f"grid {grid.grid_id}: parent run {parent_id}, {todo} of {len(states)} cells to run"
                       f", {min(at_once, max(todo, 1))} at a time" + (" on Slurm" if as_array else ""),
@@ -109,6 +115,7 @@ def ablate(
     console=None,
     wait: bool = True,
     seeds: int = 1,
+    reuse: bool = True,
 ) -> GridResult | Grid:
     """The `flashctl ablate` entry: plan the grid, then print it (`dry_run`) or run it.
 
@@ -119,4 +126,4 @@ def ablate(
         print_plan(grid, parallel, command_builder, console)
         return grid
     return run_grid(grid, parallel=parallel, resume=resume, command_builder=command_builder, console=console,
-                    wait=wait)
+                    wait=wait, reuse=reuse)

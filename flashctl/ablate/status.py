@@ -18,8 +18,9 @@ class CellState:
 
     cell: Cell
     run_id: str = ""
-    status: str = "pending"  # pending | skipped | queued (Slurm) | running | finished | failed | killed
+    status: str = "pending"  # pending | skipped | reused | queued (Slurm) | running | finished | failed | killed
     resumed: bool = False
+    reused_from: str | None = None  # run id of the other grid's cell whose results this cell shows
     returncode: int | None = None
     started: float | None = None
     ended: float | None = None
@@ -31,6 +32,10 @@ class CellState:
         if self.started is None:
             return None
         return (self.ended or time.monotonic()) - self.started
+
+
+DONE = ("finished", "skipped", "reused")
+"""States of a cell whose results exist: run now, finished before in this grid, or in another."""
 
 
 @dataclass
@@ -46,11 +51,11 @@ class GridResult:
     def ok(self) -> bool:
         """True when no cell failed: each finished (this time or before) or, in a Slurm array
         left running (`wait=False`, an interrupted wait), is still queued or running there."""
-        return all(s.status in ("finished", "skipped", "queued", "running") for s in self.cells)
+        return all(s.status in DONE + ("queued", "running") for s in self.cells)
 
     @property
     def failed(self) -> list[CellState]:
-        return [s for s in self.cells if s.status not in ("finished", "skipped", "queued", "running")]
+        return [s for s in self.cells if s.status not in DONE + ("queued", "running")]
 
     @property
     def in_flight(self) -> list[CellState]:
@@ -58,7 +63,7 @@ class GridResult:
         return [s for s in self.cells if s.status in ("queued", "running")]
 
 
-_STYLE = {"pending": "dim", "skipped": "cyan", "queued": "blue", "running": "yellow", "finished": "green",
+_STYLE = {"pending": "dim", "skipped": "cyan", "reused": "cyan", "queued": "blue", "running": "yellow", "finished": "green",
           "failed": "red", "killed": "magenta"}
 
 
@@ -84,7 +89,7 @@ def status_table(grid: Grid, states: Sequence[CellState], title: str | None = No
             f"[{_STYLE.get(s.status, '')}]{status}[/]",
             "" if el is None else f"{el:.0f}s",
             "" if s.returncode is None else str(s.returncode),
-            s.run_id,
+            s.run_id + (f" (results of {s.reused_from})" if s.reused_from else ""),
             str(s.log) if s.status in ("failed", "killed") and s.log else "",
         )
     return table
@@ -113,7 +118,7 @@ class StatusView:
         for s in self.states:
             if self._seen.get(s.cell.index) != s.status:
                 self._seen[s.cell.index] = s.status
-                self.console.print(_event_line(s), highlight=False, markup=False)
+                self.console.print(event_line(s), highlight=False, markup=False)
         if self._live is not None:
             self._live.update(status_table(self.grid, self.states))
 
@@ -122,7 +127,7 @@ class StatusView:
             self._live.__exit__(*exc)
 
 
-def _event_line(s: CellState) -> str:
+def event_line(s: CellState) -> str:
     levels = " ".join(f"{f}={lv}" for f, lv in s.cell.levels)
     line = f"cell {s.cell.index} [{levels}] {s.status}"
     if s.status in ("finished", "failed", "killed") and s.elapsed is not None:
@@ -130,6 +135,8 @@ def _event_line(s: CellState) -> str:
     if s.returncode is not None:
         line += f" (exit {s.returncode})"
     line += f", run {s.run_id}"
+    if s.reused_from:
+        line += f" (results of {s.reused_from}, same spec hash and inputs in another grid)"
     if s.log and s.status in ("running", "queued", "failed", "killed"):
         line += f", log {s.log}"
     return line

@@ -5,17 +5,25 @@ order), one child per cell (`mlflow.parentRunId`, factor, level, spec hash, grid
 grid again finds its parent by grid id: finished children with the same hash are skipped, failed
 or unfinished ones run again under their old run id (the job resumes from the checkpoint in its
 run dir).
+
+A cell that no run of this grid holds yet may *reuse* a finished cell of another grid in the same
+experiment: same spec hash, same `inputs_digest` (the teachers' files and the data, which the
+hash cannot see). Its child run is created FINISHED with `flashctl.reused_from` naming that
+run, and `report` reads the source's metrics and images. Why: every factor's grid holds the
+base recipe (mixed-category = stepwise = 5:5 on the embedded default), and a second
+data-composition grid should not retrain what the first trained.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
 from flashctl.ablate.grid import Cell, Grid
 from flashctl.ablate.status import CellState
 from flashctl.errors import UserError
-from flashctl.spec import to_yaml
+from flashctl.spec import ExperimentSpec, load_spec, to_yaml
 from flashctl.track import (
     KIND_CELL,
     KIND_GRID,
@@ -26,12 +34,14 @@ from flashctl.track import (
     TAG_FACTORS,
     TAG_GRID,
     TAG_HASH,
+    TAG_INPUTS,
     TAG_KIND,
     TAG_LEVEL,
     TAG_LEVEL_OF,
     TAG_LEVELS,
     TAG_OVERRIDES,
     TAG_PARENT,
+    TAG_REUSED,
     TAG_SPEC,
     find_parent,
     list_children,
@@ -73,7 +83,46 @@ def create_parent(client, experiment_id: str, grid: Grid) -> str:
     return run_id
 
 
-def create_child(client, experiment_id: str, parent_id: str, grid: Grid, cell: Cell) -> str:
+def inputs_digest(spec: ExperimentSpec) -> str | None:
+    """Digest of what a cell's job reads that its spec hash cannot see: the files of every
+    teacher (`pipelines.model_fingerprint`: a retrained `builtin:base` keeps its name) and of the
+    student's init model when it is not a teacher, and the prepared data's manifest digest.
+    None when the data is not prepared or a model cannot be found: then nothing is reused."""
+    from flashctl.data.manifest import read_manifest
+    from flashctl.pipelines import model_fingerprint
+
+    try:
+        data = read_manifest(spec.data.root, verify=False).digest
+        models = {name: model_fingerprint(t.path) for name, t in sorted(spec.teachers.items())}
+        if spec.model.init_from not in spec.teachers:
+            models["init_from"] = model_fingerprint(spec.model.init_from)
+    except (UserError, OSError):
+        return None
+    blob = json.dumps({"data": data, "models": models}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def find_reusable(client, experiment_id: str, grid: Grid, cell: Cell, inputs: str | None):
+    """The newest FINISHED cell run of another grid in the experiment that trained exactly this
+    cell (same spec hash and inputs digest) and is not itself a reuse, or None."""
+    if inputs is None:
+        return None
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=(f"tags.`{TAG_KIND}` = '{KIND_CELL}' and tags.`{TAG_HASH}` = '{cell.spec_hash}' "
+                       f"and tags.`{TAG_INPUTS}` = '{inputs}' and attributes.status = 'FINISHED'"),
+        order_by=["attributes.start_time DESC"],
+        max_results=50,
+    )
+    for run in runs:
+        tags = run.data.tags
+        if tags.get(TAG_GRID) != grid.grid_id and TAG_REUSED not in tags:
+            return run
+    return None
+
+
+def create_child(client, experiment_id: str, parent_id: str, grid: Grid, cell: Cell,
+                 extra_tags: dict[str, str] | None = None) -> str:
     """Create a cell's child run (tags: parent, factor, level, spec hash, grid id)."""
     tags = {
         TAG_PARENT: parent_id,
@@ -85,13 +134,16 @@ def create_child(client, experiment_id: str, parent_id: str, grid: Grid, cell: C
         TAG_HASH: cell.spec_hash,
         TAG_ATTEMPTS: "0",
         **{TAG_LEVEL_OF + f: lv for f, lv in cell.levels},
+        **(extra_tags or {}),
     }
     run = client.create_run(experiment_id, run_name=cell.name, tags=tags)
     return run.info.run_id
 
 
-def prepare_runs(client, experiment_id: str, grid: Grid, resume: bool) -> tuple[str, list[CellState]]:
-    """Find or create the parent and a child per cell; decide which cells run."""
+def prepare_runs(client, experiment_id: str, grid: Grid, resume: bool,
+                 reuse: bool = True) -> tuple[str, list[CellState]]:
+    """Find or create the parent and a child per cell; decide which cells run. With `reuse`, a
+    cell new to this grid that another grid already trained is recorded as `reused`."""
     parent = find_parent(client, experiment_id, grid.grid_id)
     children: dict[str, Any] = {}
     if parent is not None:
@@ -116,11 +168,21 @@ def prepare_runs(client, experiment_id: str, grid: Grid, resume: bool) -> tuple[
         if run is not None and run.data.tags.get(TAG_HASH) == cell.spec_hash:
             state.run_id = run.info.run_id
             if run.info.status == "FINISHED":
-                state.status = "skipped"
+                state.reused_from = run.data.tags.get(TAG_REUSED)
+                state.status = "reused" if state.reused_from else "skipped"
             else:
                 state.resumed = True
         else:
-            state.run_id = create_child(client, experiment_id, parent_id, grid, cell)
+            spec = load_spec(grid.spec_path, [*grid.overrides, *cell.override_args()])
+            inputs = inputs_digest(spec)
+            tags = {TAG_INPUTS: inputs} if inputs else {}
+            source = find_reusable(client, experiment_id, grid, cell, inputs) if reuse else None
+            if source is not None:
+                tags[TAG_REUSED] = source.info.run_id
+            state.run_id = create_child(client, experiment_id, parent_id, grid, cell, tags)
+            if source is not None:
+                client.set_terminated(state.run_id, status="FINISHED")
+                state.status, state.reused_from = "reused", source.info.run_id
         states.append(state)
     return parent_id, states
 
