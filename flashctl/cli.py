@@ -361,6 +361,8 @@ def distill(
         "  flashctl ablate experiments/tiny-cpu.yaml --factor teacher-guidance --levels single,stepwise --parallel 2\n\n"
         "  flashctl ablate experiments/tiny-cpu.yaml --factor task-mixture --factor teacher-guidance --dry-run\n\n"
         "  flashctl ablate experiments/tiny-cpu.yaml --factor task-mixture --seeds 3\n\n"
+        "  flashctl ablate experiments/tiny-cpu.yaml --factor data-composition   # mixed-category: the 5:5 cell's results, "
+        "reused\n\n"
         "  flashctl ablate experiments/tiny-cpu.yaml --factor task-mixture --resume"
     ),
 )

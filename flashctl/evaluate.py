@@ -543,25 +543,30 @@ def open_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in rows if open_distributions(r)]
 
 
+def diversity_rows(rows: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
+    """The diversity metric's extra samples: every open row `k` more times (ids `<id>#<i>`,
+    `of` = the row), sampled after the eval rows with noise seeds from DIVERSITY_SEED_OFFSET."""
+    return [{**r, "id": f"{r['id']}#{i}", "of": r["id"]} for r in open_rows(rows) for i in range(k)] if k > 0 else []
+
+
 def _evaluate_part(adapter, models, rows, out_dir: Path, seed: int, progress, repeats: int, rank: int, world: int,
                    should_stop, diversity_seeds: int) -> dict[str, Any]:
     """One rank's share of `evaluate_models`: sample, save the images, verify (plain data back)."""
     from flashctl.shapes import verify_record
 
     by_id = {r["id"]: r for r in rows}
+    div_rows = diversity_rows(rows, diversity_seeds)
     done = dict.fromkeys(models, 0)
 
-    def tick(name: str, n: int) -> None:
+    def tick(name: str, n: int) -> None:  # one count over the eval rows, then the diversity rows
         done[name] += n
         if progress:
-            progress(name, done[name], len(rows))
+            progress(name, done[name], len(rows) + len(div_rows))
 
     sampled = sample_interleaved(adapter, models, rows, seed, repeats=repeats, on_batch=tick, rank=rank, world=world,
                                  should_stop=should_stop)
-    div_rows = [{**r, "id": f"{r['id']}#{k}", "of": r["id"]} for r in open_rows(rows)
-                for k in range(diversity_seeds)] if diversity_seeds > 0 else []
-    div = (sample_interleaved(adapter, models, div_rows, seed + DIVERSITY_SEED_OFFSET, rank=rank, world=world,
-                              should_stop=should_stop) if div_rows else {})
+    div = (sample_interleaved(adapter, models, div_rows, seed + DIVERSITY_SEED_OFFSET, on_batch=tick, rank=rank,
+                              world=world, should_stop=should_stop) if div_rows else {})
     div_by_id = {r["id"]: r for r in div_rows}
     part: dict[str, Any] = {"rank": rank, "models": {}}
     for name in models:
@@ -699,7 +704,9 @@ def evaluate_one(spec: ExperimentSpec, model: str, nfe: int, cfg: float, out_dir
         barrier()
     adapter = QwenImageAdapter.from_pretrained(path, device=device, edit_max_pixels=spec.model.edit_max_pixels)
     rows = eval_rows(spec)
-    with StepProgress(f"sampling {name} @ {nfe} NFE", rank_rows(rows, rank, world), console, unit="rows",
+    extra = diversity_rows(rows, spec.eval.diversity_seeds)  # sampled after the eval rows: counted too
+    label = f"sampling {name} @ {nfe} NFE" + (f" (+ {spec.eval.diversity_seeds} diversity seeds)" if extra else "")
+    with StepProgress(label, rank_rows(rows, rank, world) + rank_rows(extra, rank, world), console, unit="rows",
                       enabled=rank == 0) as prog:
         res = evaluate_models(adapter, {"model": (adapter.transformer, ModelUnderTest("model", nfe, cfg))},
                               rows, write_dir, spec.eval.seed,

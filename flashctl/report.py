@@ -115,8 +115,13 @@ class CellRun:
     levels: dict[str, str]
     metrics: dict[str, float]
     spec_hash: str = ""
-    reused: bool = False
-    """`run_id` is another grid's run that trained this cell (`ablate --reuse`)."""
+    child_id: str | None = None
+    """Set when another grid's run trained this cell (`ablate --reuse`): this grid's own child
+    run; `run_id` is then that other run, which holds the metrics, curves and images."""
+
+    @property
+    def reused(self) -> bool:
+        return self.child_id is not None
 
     def label(self, factors: Sequence[str]) -> str:
         return " · ".join(self.levels.get(f, "?") for f in factors)
@@ -203,10 +208,13 @@ def find_grid(client, parent: str | None = None, experiment: str | None = None) 
             try:
                 data = client.get_run(source)
             except MlflowException:
-                raise UserError(f"cell {key}: run {child.info.run_id} reuses run {source}, which is no longer "
-                                f"in {uri}; re-run the grid with --resume --no-reuse") from None
+                data = None
+            if data is None or data.info.lifecycle_stage == "deleted":
+                raise UserError(f"cell {key}: run {child.info.run_id} shows the results of run {source}, which is "
+                                f"no longer in {uri}; re-run the grid with --resume --no-reuse") from None
         by_key[key] = CellRun(data.info.run_id, child.info.run_name or key, child.info.status, cell_levels,
-                              dict(data.data.metrics), hash_tag(ctags), reused=bool(source))  # newest wins
+                              dict(data.data.metrics), hash_tag(ctags),
+                              child_id=child.info.run_id if source else None)  # newest wins
     order = {f: {lv: i for i, lv in enumerate(levels.get(f, []))} for f in factors}
     cells = sorted(by_key.values(), key=lambda c: tuple(order[f].get(c.levels.get(f, ""), 1 << 30) for f in factors))
     exp = client.get_experiment(exp_id)
@@ -778,9 +786,11 @@ def render_html(grid: GridRuns, tables: Sequence[ResultTable], plots: dict[str, 
                  "<th class=\"lbl\">status</th></tr></thead><tbody>")
     for c in grid.cells:
         parts.append(f'<tr><td class="lbl">{e(c.label(grid.factors))}</td><td class="lbl">{e(c.name)}</td>'
-                     f'<td class="lbl"><code>{e(c.run_id)}</code></td><td class="lbl"><code>{e(c.spec_hash)}</code></td>'
+                     f'<td class="lbl"><code>{e(c.child_id or c.run_id)}</code></td>'
+                     f'<td class="lbl"><code>{e(c.spec_hash)}</code></td>'
                      f'<td class="status {e(c.status.lower())}">{e(c.status.lower())}'
-                     f'{" (reused from another grid)" if c.reused else ""}</td></tr>')
+                     + (f' (results of <code>{e(c.run_id)}</code>, reused from another grid)' if c.reused else "")
+                     + "</td></tr>")
     parts.append("</tbody></table></body></html>\n")
     return "".join(parts)
 

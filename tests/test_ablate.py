@@ -342,7 +342,13 @@ def test_a_cell_another_grid_trained_is_reused_until_its_teacher_changes(workdir
     assert [(r.label, r.status, r.values[j]) for r in table.rows] == [
         ("9:1", "finished", 0.5), ("7:3", "finished", 0.5)]  # 9:1: grid A's run's metric
     html = next((workdir / "rep").glob("*.html")).read_text()
-    assert "reused from another grid" in html and a.cells[0].run_id in html
+    assert "reused from another grid" in html and a.cells[0].run_id in html and b.cells[0].run_id in html
+
+    # --resume --no-reuse trains the shared cell after all, under a new child run of grid B
+    again = run_grid(grid_b, resume=True, reuse=False, command_builder=build, console=quiet(), poll_s=0.1)
+    assert [s.status for s in again.cells] == ["finished", "skipped"]
+    assert again.cells[0].run_id not in (b.cells[0].run_id, a.cells[0].run_id)
+    assert again.cells[0].reused_from is None and grid_b.cell_log(grid_b.cells[0]).exists()
 
     grid_c, c = run(["9:1", "5:5"], reuse=False)
     assert [s.status for s in c.cells] == ["finished", "finished"]

@@ -64,13 +64,13 @@ def run_grid(
         parent_id, states = prepare_runs(direct, experiment_id, grid, resume, reuse)
         direct.update_run(parent_id, status="RUNNING")
         todo = sum(1 for s in states if s.status == "pending")
-        for s in states:
-            if s.status == "reused":
-                console.print(event_line(s), highlight=False, markup=False)
         at_once = grid.base_spec.launch.slurm.array_parallel if as_array else parallel
         console.print(f"grid {grid.grid_id}: parent run {parent_id}, {todo} of {len(states)} cells to run"
                       f", {min(at_once, max(todo, 1))} at a time" + (" on Slurm" if as_array else ""),
                       highlight=False)
+        for s in states:
+            if s.status == "reused":
+                console.print(event_line(s), highlight=False, markup=False)
         interrupted = True
         with signals_interrupt(signal.SIGTERM, signal.SIGHUP):  # a `kill`, a closed terminal
             try:

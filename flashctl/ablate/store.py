@@ -114,11 +114,21 @@ def find_reusable(client, experiment_id: str, grid: Grid, cell: Cell, inputs: st
         order_by=["attributes.start_time DESC"],
         max_results=50,
     )
-    for run in runs:
-        tags = run.data.tags
-        if tags.get(TAG_GRID) != grid.grid_id and TAG_REUSED not in tags:
+    for run in runs:  # reused children carry no inputs tag; a cell of this grid is never its own source
+        if run.data.tags.get(TAG_GRID) != grid.grid_id and run.info.lifecycle_stage != "deleted":
             return run
     return None
+
+
+def _usable(client, run_id: str) -> bool:
+    """Whether a reused cell's source run still exists, FINISHED and not deleted."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        return False
+    return run.info.status == "FINISHED" and run.info.lifecycle_stage != "deleted"
 
 
 def create_child(client, experiment_id: str, parent_id: str, grid: Grid, cell: Cell,
@@ -165,6 +175,12 @@ def prepare_runs(client, experiment_id: str, grid: Grid, resume: bool,
     for cell in grid.cells:
         run = children.get(cell.key)
         state = CellState(cell, log=grid.cell_log(cell))
+        if run is not None and run.data.tags.get(TAG_REUSED) and not (
+                reuse and run.info.status == "FINISHED" and _usable(client, run.data.tags[TAG_REUSED])):
+            if run.info.status != "FINISHED":  # left half-made by a crash: train it under its own run
+                client.delete_tag(run.info.run_id, TAG_REUSED)
+            else:  # --no-reuse, or its source is gone: a new child trains the cell (newest wins)
+                run = None
         if run is not None and run.data.tags.get(TAG_HASH) == cell.spec_hash:
             state.run_id = run.info.run_id
             if run.info.status == "FINISHED":
@@ -175,14 +191,15 @@ def prepare_runs(client, experiment_id: str, grid: Grid, resume: bool,
         else:
             spec = load_spec(grid.spec_path, [*grid.overrides, *cell.override_args()])
             inputs = inputs_digest(spec)
-            tags = {TAG_INPUTS: inputs} if inputs else {}
             source = find_reusable(client, experiment_id, grid, cell, inputs) if reuse else None
-            if source is not None:
-                tags[TAG_REUSED] = source.info.run_id
-            state.run_id = create_child(client, experiment_id, parent_id, grid, cell, tags)
-            if source is not None:
+            if source is not None:  # no inputs tag: only runs that trained are offered for reuse
+                state.run_id = create_child(client, experiment_id, parent_id, grid, cell,
+                                            {TAG_REUSED: source.info.run_id})
                 client.set_terminated(state.run_id, status="FINISHED")
                 state.status, state.reused_from = "reused", source.info.run_id
+            else:
+                tags = {TAG_INPUTS: inputs} if inputs else {}
+                state.run_id = create_child(client, experiment_id, parent_id, grid, cell, tags)
         states.append(state)
     return parent_id, states
 
