@@ -207,3 +207,50 @@ def group_outcomes(cells: Sequence[tuple[Mapping[str, str], Sequence[Mapping]]],
                     pooled[m].setdefault(level, {})[key] = bool(r.get("correct"))
                     seeds[m].setdefault(level, {}).setdefault(seed, {})[key] = bool(r.get("correct"))
     return pooled, seeds
+
+
+START_MODEL = "teacher_fast"
+"""The eval's model that is a student's starting point: the base teacher at the student's NFE
+without CFG. A student initialised from that teacher, sampled on the teacher's schedule (the
+embedded default's), *is* it before its first step: same weights, schedule and noise seeds."""
+
+
+@dataclass
+class Movement:
+    """How far training moved one cell's student from its starting point, per task (`a` = student)."""
+
+    cell: str
+    tests: dict[str, PairedTest]
+
+    @property
+    def moved(self) -> bool:
+        return any(t.p_value < ALPHA for t in self.tests.values())
+
+
+def movement(cell: str, student: Sequence[Mapping], start: Sequence[Mapping]) -> Movement:
+    """Student vs start on the same rows, per task (T2I, edit): exact McNemar, not adjusted (one
+    question per cell: did it leave its initialisation?)."""
+    tests = {}
+    for task in ("t2i", "edit"):
+        a = {str(r.get("id")): bool(r.get("correct")) for r in student if r.get("task") == task}
+        b = {str(r.get("id")): bool(r.get("correct")) for r in start if r.get("task") == task}
+        if a.keys() & b.keys():
+            tests[task] = paired_test(a, b)
+    return Movement(cell, tests)
+
+
+def movement_sentence(moves: Sequence[Movement]) -> str:
+    """One line on whether the grid's cells trained long enough to be compared at all."""
+    if not moves:
+        return ""
+    still = [m.cell for m in moves if not m.moved]
+    if len(still) == len(moves):
+        worst = min((t.p_value for m in moves for t in m.tests.values()), default=1.0)
+        return ("No cell's student can be told apart from its starting point, the teacher at the student's NFE "
+                f"without CFG (McNemar p >= {worst:.3g} on T2I and edits): at this length training has moved the "
+                "students less than the eval can see, so the levels cannot differ by more either; train longer "
+                "before comparing them.")
+    if still:
+        return (f"{len(moves) - len(still)} of {len(moves)} cells moved measurably from their starting point; "
+                f"{', '.join(still)} did not (McNemar p >= {ALPHA} on T2I and edits).")
+    return f"Every cell's student moved measurably from its starting point (McNemar p < {ALPHA} on T2I or edits)."

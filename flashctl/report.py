@@ -30,10 +30,21 @@ from pathlib import Path
 from typing import Any
 
 from flashctl.errors import UserError
-from flashctl.findings import METRICS, SEED_FACTOR, FactorFinding, factor_finding, group_outcomes
+from flashctl.findings import (
+    METRICS,
+    SEED_FACTOR,
+    START_MODEL,
+    FactorFinding,
+    Movement,
+    factor_finding,
+    group_outcomes,
+    movement,
+    movement_sentence,
+)
 from flashctl.io import atomic_write_text
 from flashctl.shapes.scene import CATEGORIES as T2I_CATEGORIES
 from flashctl.shapes.scene import EDIT_TYPES
+from flashctl.stats import PairedTest
 from flashctl.system import environ
 from flashctl.track import (
     EVAL_IMAGES,
@@ -745,7 +756,7 @@ def html_qualitative(q: Qualitative) -> str:
 
 def render_html(grid: GridRuns, tables: Sequence[ResultTable], plots: dict[str, bytes],
                 curves_png: bytes | None, qual: Qualitative | None,
-                findings: Sequence[FactorFinding] = ()) -> str:
+                findings: Sequence[FactorFinding] = (), moves: Sequence[Movement] = ()) -> str:
     """The whole report as one self-contained HTML document."""
     e = html.escape
     finished = len(_finished(grid.cells))
@@ -765,6 +776,7 @@ def render_html(grid: GridRuns, tables: Sequence[ResultTable], plots: dict[str, 
     ]
     if findings:
         parts.append(findings_html(findings))
+    parts.append(movement_html(moves))
     for i, table in enumerate(tables):
         parts.append(f'<h2 id="t{i}">{e(table.title)}</h2>')
         parts.append(html_table(table))
@@ -799,15 +811,15 @@ def render_html(grid: GridRuns, tables: Sequence[ResultTable], plots: dict[str, 
 # Findings: intervals, paired tests, the paper's claims
 
 
-def collect_outcomes(client, grid: GridRuns) -> list[tuple[dict[str, str], list[dict[str, Any]]]]:
-    """(levels, the student's per-row verifier results) of every finished cell, from its
+def collect_outcomes(client, grid: GridRuns, model: str = "student") -> list[tuple[dict[str, str], list[dict[str, Any]]]]:
+    """(levels, `model`'s per-row verifier results) of every finished cell, from its
     `eval/results.json` (cells without one are left out)."""
     out = []
     with tempfile.TemporaryDirectory(prefix="flashctl-report-") as tmp:
         for c in _finished(grid.cells):
             path = _download(client, c.run_id, EVAL_RESULTS, Path(tmp) / c.run_id)
             try:
-                rows = json.loads(path.read_text())["models"]["student"]["per_row"] if path else None
+                rows = json.loads(path.read_text())["models"][model]["per_row"] if path else None
             except (OSError, ValueError, KeyError, TypeError):
                 rows = None
             if isinstance(rows, list):
@@ -826,6 +838,30 @@ def grid_findings(grid: GridRuns, outcomes) -> list[FactorFinding]:
         if pooled:
             found.append(factor_finding(f, pooled, seeds))
     return found
+
+
+def grid_movement(grid: GridRuns, students, starts) -> list[Movement]:
+    """Per cell with both: its student against its starting point (`findings.START_MODEL`)."""
+    start_of = {tuple(sorted(levels.items())): rows for levels, rows in starts}
+    moves = []
+    for levels, rows in students:
+        start = start_of.get(tuple(sorted(levels.items())))
+        if start:
+            m = movement(" · ".join(levels.get(f, "?") for f in grid.factors), rows, start)
+            if m.tests:
+                moves.append(m)
+    return moves
+
+
+MOVEMENT_TITLE = "Did training move the students? Student vs its starting point (the teacher at the student's NFE, no CFG)"
+MOVEMENT_HEADER = ("cell", "T2I change (points)", "p (T2I)", "edit change (points)", "p (edit)")
+
+
+def movement_rows(moves: Sequence[Movement]) -> list[list[str]]:
+    def cells(t: PairedTest | None) -> list[str]:
+        return ["—", "—"] if t is None else [f"{100 * t.difference:+.1f}", f"{t.p_value:.3g}"]
+
+    return [[m.cell, *cells(m.tests.get("t2i")), *cells(m.tests.get("edit"))] for m in moves]
 
 
 def _ci(r) -> str:
@@ -879,6 +915,45 @@ def print_findings(findings: Sequence[FactorFinding], console) -> None:
         show(console, t)
         for line in finding_lines(f):
             console.print(line, highlight=False, markup=False)
+
+
+def print_movement(moves: Sequence[Movement], console) -> None:
+    from rich.table import Table
+
+    from flashctl.term import show
+
+    if not moves:
+        return
+    t = Table(title=MOVEMENT_TITLE, title_justify="left")
+    for i, h in enumerate(MOVEMENT_HEADER):
+        t.add_column(h, justify="left" if i == 0 else "right")
+    for r in movement_rows(moves):
+        t.add_row(*r)
+    show(console, t)
+    console.print(movement_sentence(moves), highlight=False, markup=False)
+
+
+def movement_markdown(moves: Sequence[Movement]) -> str:
+    if not moves:
+        return ""
+    lines = [f"### {MOVEMENT_TITLE}", "", "| " + " | ".join(MOVEMENT_HEADER) + " |",
+             "|---" + "|---:" * (len(MOVEMENT_HEADER) - 1) + "|"]
+    lines += ["| " + " | ".join(_md_escape(c) for c in r) + " |" for r in movement_rows(moves)]
+    return "\n".join(lines + ["", f"- {_md_escape(movement_sentence(moves))}", ""])
+
+
+def movement_html(moves: Sequence[Movement]) -> str:
+    e = html.escape
+    if not moves:
+        return ""
+    parts = [f'<h3 id="movement">{e(MOVEMENT_TITLE)}</h3><table class="results"><thead><tr>'
+             + "".join(f'<th class="{"lbl" if i == 0 else ""}">{e(h)}</th>' for i, h in enumerate(MOVEMENT_HEADER))
+             + "</tr></thead><tbody>"]
+    for r in movement_rows(moves):
+        parts.append("<tr>" + "".join(f'<td class="{"lbl" if i == 0 else ""}">{e(c)}</td>' for i, c in enumerate(r))
+                     + "</tr>")
+    parts.append(f"</tbody></table><ul><li>{e(movement_sentence(moves))}</li></ul>")
+    return "".join(parts)
 
 
 def findings_markdown(findings: Sequence[FactorFinding]) -> str:
@@ -968,8 +1043,11 @@ def make_report(
     console.print(f"grid {grid.grid_id} (parent run {grid.parent_id}, experiment {grid.experiment_name!r}): "
                   f"{len(_finished(grid.cells))}/{len(grid.cells)} cells finished", highlight=False)
     print_tables(tables, console)
-    findings = grid_findings(grid, collect_outcomes(client, grid))
+    students = collect_outcomes(client, grid)
+    findings = grid_findings(grid, students)
     print_findings(findings, console)
+    moves = grid_movement(grid, students, collect_outcomes(client, grid, START_MODEL))
+    print_movement(moves, console)
 
     out_dir = Path(out) if out else Path("reports") / grid.grid_id
     files: dict[str, Path] = {}
@@ -980,14 +1058,15 @@ def make_report(
             files[f"csv:{table.factor or 'cells'}"] = path
     if "md" in fmts:
         files["md"] = out_dir / "report.md"
-        atomic_write_text(files["md"], tables_markdown(grid, tables) + "\n" + findings_markdown(findings))
+        atomic_write_text(files["md"], tables_markdown(grid, tables) + "\n" + findings_markdown(findings)
+                           + movement_markdown(moves))
     if "html" in fmts:
         plots = {t.factor: level_plot(t) for t in tables if t.factor}
         curves = training_curves(client, grid)
         qual = collect_qualitative(client, grid, images_per_task)
         files["html"] = out_dir / "report.html"
         atomic_write_text(files["html"], render_html(grid, tables, plots, training_plot(curves) if curves else None, qual,
-                                                       findings))
+                                                       findings, moves))
     for path in files.values():
         console.print(f"wrote {path}", highlight=False)
     return ReportResult(grid, tables, files)

@@ -95,3 +95,27 @@ def test_one_small_p_among_five_levels_is_not_a_finding_after_holm():
     assert edit.p("stepwise") == pytest.approx(4 * mcnemar_exact(6, 0))
     assert not edit.significant and f.verdict == "inconclusive"
     assert "Holm-adjusted" in edit.sentence()
+
+
+def _rows(task: str, right: list[bool]) -> list[dict]:
+    return [{"id": f"{task}-{i}", "task": task, "correct": c} for i, c in enumerate(right)]
+
+
+def test_movement_pairs_each_task_with_the_starting_point_and_says_when_nothing_moved():
+    from flashctl.findings import movement, movement_sentence
+
+    start = _rows("t2i", [True] * 20 + [False] * 20) + _rows("edit", [True] * 10 + [False] * 30)
+    # T2I: 10 rows gained, none lost (p = 2 * 0.5**10); edits: one gained, one lost
+    moved = movement("5:5", _rows("t2i", [True] * 30 + [False] * 10)
+                     + _rows("edit", [False] + [True] * 10 + [False] * 29), start)
+    assert moved.tests["t2i"].a_only == 10 and moved.tests["t2i"].b_only == 0
+    assert moved.tests["t2i"].p_value == pytest.approx(mcnemar_exact(10, 0)) == pytest.approx(2 * 0.5 ** 10)
+    assert moved.tests["edit"].difference == 0 and moved.tests["edit"].p_value == 1
+    assert moved.moved
+    still = movement("t2i-only", start, start)
+    assert not still.moved and still.tests["t2i"].p_value == 1
+    assert movement_sentence([still]).startswith("No cell's student can be told apart from its starting point")
+    assert movement_sentence([moved, still]).startswith("1 of 2 cells moved measurably") and "t2i-only did not" in \
+        movement_sentence([moved, still])
+    assert movement_sentence([moved]).startswith("Every cell's student moved measurably")
+    assert movement("x", start, _rows("t2i", [True])).tests.keys() == {"t2i"}  # only tasks both have

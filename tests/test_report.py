@@ -106,7 +106,11 @@ def make_grid(uri: str, tmp_path, factors: dict[str, list[str]], results: dict[t
                    for task, acc in (("t2i", t2i), ("edit", edit)) for i in range(N_ROWS)]
         results_json = {"rows": [{"row_id": r, "task": t, "prompt": p, ("edit_type" if t == "edit" else "category"): k,
                                   "student": {"correct": True}} for r, t, k, p in ROWS],
-                        "models": {"student": {"per_row": per_row}}}
+                        "models": {"student": {"per_row": per_row},
+                                   # the starting point: the teacher at 4 NFE, right on the first 80% / 40%
+                                   "teacher_fast": {"per_row": [
+                                       {**r, "correct": int(r["id"].rsplit("-", 1)[1]) < round(
+                                           (0.8 if r["task"] == "t2i" else 0.4) * N_ROWS)} for r in per_row]}}}
         (folder / "results.json").write_text(json.dumps(results_json))
         client.log_artifact(rid, str(folder / "results.json"), "eval")
         client.set_terminated(rid, status=(statuses or {}).get(levels, "FINISHED"))
@@ -247,4 +251,9 @@ def test_findings_give_intervals_paired_p_values_and_the_paper_verdict(mixture, 
     md = (tmp_path / "out" / "report.md").read_text()
     assert "## Findings" in md and "| 9:1 | 81.7 [73.8, 87.6] n=120 | 40.0 [31.7, 48.9] n=120" in md
     assert re.search(r"\| 9:1 \|.*\| (\d\.\d+e-\d+|0\.0+\d+) \|", md)  # a tiny McNemar p against 5:5
+    # did training move each student from its starting point (teacher at 4 NFE: 80% / 40% right)?
+    assert "Did training move the students?" in md and "| 9:1 | +1.7 | 0.5 | +0.0 | 1 |" in md
+    # 5:5: 6 T2I rows gained (p = 2 * 0.5**6), 36 edit rows gained (2 * 0.5**36), none lost
+    assert "| 5:5 | +5.0 | 0.0312 | +30.0 | 2.91e-11 |" in md
+    assert "2 of 3 cells moved measurably from their starting point; 9:1 did not" in md
 
