@@ -19,7 +19,8 @@ def test_train_teacher_lowers_the_loss_resumes_and_exports_a_pipeline(tiny_world
     out = tmp_path / "teacher"
     args = [
         TEACHER_SPEC, f"data.root={tiny_world['data']}", f"train_teacher.output={out}", "train_teacher.steps=100",
-        "train_teacher.vae_steps=10", "train_teacher.batch_size=8", "train_teacher.checkpoint_every=50",
+        "train_teacher.vae_steps=10", "train_teacher.decay_steps=0", "train_teacher.batch_size=8",
+        "train_teacher.checkpoint_every=50",
         "model.tiny.num_layers=2", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
     ]
     res = run_cli(["train-teacher", *args], cwd=tmp_path)
