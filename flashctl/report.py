@@ -811,19 +811,22 @@ def render_html(grid: GridRuns, tables: Sequence[ResultTable], plots: dict[str, 
 # Findings: intervals, paired tests, the paper's claims
 
 
-def collect_outcomes(client, grid: GridRuns, model: str = "student") -> list[tuple[dict[str, str], list[dict[str, Any]]]]:
-    """(levels, `model`'s per-row verifier results) of every finished cell, from its
-    `eval/results.json` (cells without one are left out)."""
-    out = []
+def collect_outcomes(client, grid: GridRuns, models: Sequence[str] = ("student",)
+                     ) -> dict[str, list[tuple[dict[str, str], list[dict[str, Any]]]]]:
+    """Per model in `models`: (levels, its per-row verifier results) of every finished cell, from
+    the cell's `eval/results.json`, downloaded once (cells or models without results are left out)."""
+    out: dict[str, list[tuple[dict[str, str], list[dict[str, Any]]]]] = {m: [] for m in models}
     with tempfile.TemporaryDirectory(prefix="flashctl-report-") as tmp:
         for c in _finished(grid.cells):
             path = _download(client, c.run_id, EVAL_RESULTS, Path(tmp) / c.run_id)
             try:
-                rows = json.loads(path.read_text())["models"][model]["per_row"] if path else None
+                found = json.loads(path.read_text())["models"] if path else {}
             except (OSError, ValueError, KeyError, TypeError):
-                rows = None
-            if isinstance(rows, list):
-                out.append((dict(c.levels), [r for r in rows if isinstance(r, dict)]))
+                found = {}
+            for m in models:
+                rows = found.get(m, {}).get("per_row") if isinstance(found, dict) and isinstance(found.get(m), dict) else None
+                if isinstance(rows, list):
+                    out[m].append((dict(c.levels), [r for r in rows if isinstance(r, dict)]))
     return out
 
 
@@ -1043,10 +1046,10 @@ def make_report(
     console.print(f"grid {grid.grid_id} (parent run {grid.parent_id}, experiment {grid.experiment_name!r}): "
                   f"{len(_finished(grid.cells))}/{len(grid.cells)} cells finished", highlight=False)
     print_tables(tables, console)
-    students = collect_outcomes(client, grid)
-    findings = grid_findings(grid, students)
+    outcomes = collect_outcomes(client, grid, ("student", START_MODEL))
+    findings = grid_findings(grid, outcomes["student"])
     print_findings(findings, console)
-    moves = grid_movement(grid, students, collect_outcomes(client, grid, START_MODEL))
+    moves = grid_movement(grid, outcomes["student"], outcomes[START_MODEL])
     print_movement(moves, console)
 
     out_dir = Path(out) if out else Path("reports") / grid.grid_id

@@ -20,7 +20,7 @@ import re
 import shlex
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +106,8 @@ class Cell:
     overrides: dict[str, Any]
     spec_hash: str
     name: str
+    spec: ExperimentSpec | None = field(default=None, compare=False, repr=False)
+    """The resolved spec, as the cell's process loads it (kept from planning)."""
 
     @property
     def key(self) -> str:
@@ -232,7 +234,7 @@ def plan_grid(
         except SpecError as exc:
             raise SpecError(f"{exc.source} (cell {key})", exc.errors) from None
         name = "-".join([base.run.name] + [f"{f}-{slug(lv)}" for f, lv in pairs])
-        cells.append(Cell(index, pairs, merged, spec_hash(spec), name))
+        cells.append(Cell(index, pairs, merged, spec_hash(spec), name, spec))
 
     gid = grid_id_of(cells)
     uri = resolve_uri(base.tracking.uri)

@@ -189,7 +189,7 @@ def prepare_runs(client, experiment_id: str, grid: Grid, resume: bool,
             else:
                 state.resumed = True
         else:
-            spec = load_spec(grid.spec_path, [*grid.overrides, *cell.override_args()])
+            spec = cell.spec or load_spec(grid.spec_path, [*grid.overrides, *cell.override_args()])
             inputs = inputs_digest(spec)
             source = find_reusable(client, experiment_id, grid, cell, inputs) if reuse else None
             if source is not None:  # no inputs tag: only runs that trained are offered for reuse
