@@ -359,6 +359,22 @@ def test_a_cell_another_grid_trained_is_reused_until_its_teacher_changes(workdir
     _, d = run(["9:1", "5:5", "7:3"])
     assert [s.status for s in d.cells] == ["finished", "finished", "finished"]
 
+    # --resume of grid A: its finished cell trained on the old teacher, so it is not kept; grid
+    # D's cell trained on the current one and is reused. The old run dir (its checkpoint would
+    # have been resumed, not retrained) is renamed, not deleted.
+    old_dir = grid_a.cell_run_dir(grid_a.cells[0])
+    assert old_dir.is_dir()
+    stale = run_grid(grid_a, resume=True, command_builder=build, console=quiet(), poll_s=0.1)
+    (cell,) = stale.cells
+    assert (cell.status, cell.stale_from, cell.reused_from) == ("reused", a.cells[0].run_id, d.cells[0].run_id)
+    assert old_dir.with_name(f"{old_dir.name}.stale-{a.cells[0].run_id[:12]}").is_dir() and not old_dir.exists()
+    again = run_grid(grid_a, resume=True, command_builder=build, console=quiet(), poll_s=0.1)
+    assert [(s.status, s.run_id, s.stale_from) for s in again.cells] == [("reused", cell.run_id, None)]
+    # with --no-reuse it trains, on the current teacher
+    again = run_grid(grid_a, resume=True, reuse=False, command_builder=build, console=quiet(), poll_s=0.1)
+    assert [s.status for s in again.cells] == ["finished"]
+    assert client.get_run(again.cells[0].run_id).data.tags[TAG_INPUTS] == inputs_digest(load_spec(TINY, args))
+
     missing = load_spec(TINY, [*args, f"data.root={workdir / 'nowhere'}"])
     assert inputs_digest(missing) is None  # data not prepared: nothing to compare, nothing reused
 

@@ -69,7 +69,7 @@ def run_grid(
                       f", {min(at_once, max(todo, 1))} at a time" + (" on Slurm" if as_array else ""),
                       highlight=False)
         for s in states:
-            if s.status == "reused":
+            if s.status == "reused" or s.stale_from:
                 console.print(event_line(s), highlight=False, markup=False)
         interrupted = True
         with signals_interrupt(signal.SIGTERM, signal.SIGHUP):  # a `kill`, a closed terminal

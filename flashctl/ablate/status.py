@@ -21,6 +21,7 @@ class CellState:
     status: str = "pending"  # pending | skipped | reused | queued (Slurm) | running | finished | failed | killed
     resumed: bool = False
     reused_from: str | None = None  # run id of the other grid's cell whose results this cell shows
+    stale_from: str | None = None  # run id of this cell's finished run whose teachers or data have changed since
     returncode: int | None = None
     started: float | None = None
     ended: float | None = None
@@ -137,6 +138,9 @@ def event_line(s: CellState) -> str:
     line += f", run {s.run_id}"
     if s.reused_from:
         line += f" (results of {s.reused_from}, same spec hash and inputs in another grid)"
+    if s.stale_from and s.status == "pending":
+        line += (f" (trains again: run {s.stale_from} finished this cell on other teachers' files "
+                 f"or data; its run dir was renamed *.stale-{s.stale_from[:12]})")
     if s.log and s.status in ("running", "queued", "failed", "killed"):
         line += f", log {s.log}"
     return line

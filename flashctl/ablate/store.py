@@ -12,6 +12,11 @@ hash cannot see). Its child run is created FINISHED with `flashctl.reused_from` 
 run, and `report` reads the source's metrics and images. Why: every factor's grid holds the
 base recipe (mixed-category = stepwise = 5:5 on the embedded default), and a second
 data-composition grid should not retrain what the first trained.
+
+The same digest guards `--resume`: a finished cell whose run (or reused source) trained on other
+teachers' files or data than the current ones is not kept. It is reused from a current run if one
+exists, else trained again under a new child, its old run dir renamed `*.stale-<run id>` so the
+job does not resume the old checkpoint.
 """
 
 from __future__ import annotations
@@ -131,6 +136,30 @@ def _usable(client, run_id: str) -> bool:
     return run.info.status == "FINISHED" and run.info.lifecycle_stage != "deleted"
 
 
+def _stale(client, run, inputs: str | None) -> bool:
+    """Whether a finished cell run trained on other teachers' files or data than `inputs` (the
+    current `inputs_digest`). A reused run is judged by its source's tag. Unknown on either side
+    (a run from before the tag existed, data not prepared) is not stale: a cell is retrained only
+    on evidence, never on a guess."""
+    tags = run.data.tags
+    if tags.get(TAG_REUSED):
+        from mlflow.exceptions import MlflowException
+
+        try:
+            tags = client.get_run(tags[TAG_REUSED]).data.tags
+        except MlflowException:
+            return False
+    trained = tags.get(TAG_INPUTS)
+    return inputs is not None and trained is not None and trained != inputs
+
+
+def _move_aside(run_dir, run_id: str) -> None:
+    """Rename a stale cell's run dir (its checkpoint would be resumed, not retrained) to
+    `<name>.stale-<run id>`: nothing of the old run is deleted."""
+    if run_dir.exists():
+        run_dir.rename(run_dir.with_name(f"{run_dir.name}.stale-{run_id[:12]}"))
+
+
 def create_child(client, experiment_id: str, parent_id: str, grid: Grid, cell: Cell,
                  extra_tags: dict[str, str] | None = None) -> str:
     """Create a cell's child run (tags: parent, factor, level, spec hash, grid id)."""
@@ -181,6 +210,15 @@ def prepare_runs(client, experiment_id: str, grid: Grid, resume: bool,
                 client.delete_tag(run.info.run_id, TAG_REUSED)
             else:  # --no-reuse, or its source is gone: a new child trains the cell (newest wins)
                 run = None
+        inputs: str | None = None
+        if (run is not None and run.info.status == "FINISHED"
+                and run.data.tags.get(TAG_HASH) == cell.spec_hash):
+            spec = cell.spec or load_spec(grid.spec_path, [*grid.overrides, *cell.override_args()])
+            inputs = inputs_digest(spec)
+            if _stale(client, run, inputs):  # teachers or data changed since: train it again
+                state.stale_from = run.info.run_id
+                _move_aside(grid.cell_run_dir(cell), run.info.run_id)
+                run = None
         if run is not None and run.data.tags.get(TAG_HASH) == cell.spec_hash:
             state.run_id = run.info.run_id
             if run.info.status == "FINISHED":
@@ -189,8 +227,9 @@ def prepare_runs(client, experiment_id: str, grid: Grid, resume: bool,
             else:
                 state.resumed = True
         else:
-            spec = cell.spec or load_spec(grid.spec_path, [*grid.overrides, *cell.override_args()])
-            inputs = inputs_digest(spec)
+            if inputs is None:
+                spec = cell.spec or load_spec(grid.spec_path, [*grid.overrides, *cell.override_args()])
+                inputs = inputs_digest(spec)
             source = find_reusable(client, experiment_id, grid, cell, inputs) if reuse else None
             if source is not None:  # no inputs tag: only runs that trained are offered for reuse
                 state.run_id = create_child(client, experiment_id, parent_id, grid, cell,
