@@ -250,7 +250,18 @@ def movement_sentence(moves: Sequence[Movement]) -> str:
                 f"without CFG (McNemar p >= {worst:.3g} on T2I and edits): at this length training has moved the "
                 "students less than the eval can see, so the levels cannot differ by more either; train longer "
                 "before comparing them.")
+    how = "; ".join(f"{m.cell} {_moves(m)}" for m in moves if m.moved)
     if still:
-        return (f"{len(moves) - len(still)} of {len(moves)} cells moved measurably from their starting point; "
-                f"{', '.join(still)} did not (McNemar p >= {ALPHA} on T2I and edits).")
-    return f"Every cell's student moved measurably from its starting point (McNemar p < {ALPHA} on T2I or edits)."
+        return (f"{len(moves) - len(still)} of {len(moves)} cells moved measurably from their starting point "
+                f"({how}); {', '.join(still)} did not (McNemar p >= {ALPHA} on T2I and edits).")
+    return (f"Every cell's student moved measurably from its starting point ({how}; McNemar p < {ALPHA}); "
+            "a move down is training that costs accuracy at this length, not a cell too short to compare.")
+
+
+_TASK_NAMES = {"t2i": "T2I", "edit": "edit"}
+
+
+def _moves(m: Movement) -> str:
+    """'T2I -7.3 points, edit -6.0': the tasks on which a cell moved measurably, signed."""
+    return ", ".join(f"{_TASK_NAMES.get(task, task)} {100 * t.difference:+.1f} points"
+                     for task, t in m.tests.items() if t.p_value < ALPHA)

@@ -115,7 +115,8 @@ def test_movement_pairs_each_task_with_the_starting_point_and_says_when_nothing_
     still = movement("t2i-only", start, start)
     assert not still.moved and still.tests["t2i"].p_value == 1
     assert movement_sentence([still]).startswith("No cell's student can be told apart from its starting point")
-    assert movement_sentence([moved, still]).startswith("1 of 2 cells moved measurably") and "t2i-only did not" in \
-        movement_sentence([moved, still])
-    assert movement_sentence([moved]).startswith("Every cell's student moved measurably")
+    assert movement_sentence([moved, still]).startswith("1 of 2 cells moved measurably from their starting point "
+                                                        "(5:5 T2I +25.0 points); t2i-only did not")
+    assert movement_sentence([moved]).startswith("Every cell's student moved measurably from its starting point "
+                                                 "(5:5 T2I +25.0 points;")
     assert movement("x", start, _rows("t2i", [True])).tests.keys() == {"t2i"}  # only tasks both have

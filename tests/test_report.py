@@ -255,5 +255,6 @@ def test_findings_give_intervals_paired_p_values_and_the_paper_verdict(mixture, 
     assert "Did training move the students?" in md and "| 9:1 | +1.7 | 0.5 | +0.0 | 1 |" in md
     # 5:5: 6 T2I rows gained (p = 2 * 0.5**6), 36 edit rows gained (2 * 0.5**36), none lost
     assert "| 5:5 | +5.0 | 0.0312 | +30.0 | 2.91e-11 |" in md
-    assert "2 of 3 cells moved measurably from their starting point; 9:1 did not" in md
+    assert ("2 of 3 cells moved measurably from their starting point (7:3 edit +15.0 points; 5:5 T2I +5.0 points, "
+            "edit +30.0 points); 9:1 did not") in md
 
