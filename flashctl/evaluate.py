@@ -460,18 +460,18 @@ def teacher_cache_dir(spec: ExperimentSpec, teacher_path: str | Path, rows: list
     that shares it. Why: the 80-NFE teacher is the costly part of an evaluation and does not
     depend on the student, so a grid evaluates it once.
 
-    The key covers what its images depend on: the teacher's files (path, sizes, mtimes), the
+    The key covers what its images depend on: the teacher's files (`pipelines.model_fingerprint`:
+    by content, wherever they live), the
     eval rows themselves (ids, prompts, scenes: `eval` and the data's open/ref settings),
     steps, CFG, diversity seeds, precision, device and `model.edit_max_pixels`."""
     import hashlib
     import json
 
-    from flashctl.pipelines import model_files
+    from flashctl.pipelines import model_fingerprint
 
-    root = Path(teacher_path).resolve()
     e = spec.eval
     ident = {
-        "version": 1, "teacher": str(root), "files": model_files(root),
+        "version": 2, "teacher": model_fingerprint(str(teacher_path)),
         "rows": [(r["id"], r["prompt"], r.get("scene"), r.get("source_scene")) for r in rows],
         "steps": e.teacher_nfe, "cfg": e.teacher_cfg, "seed": e.seed, "diversity_seeds": e.diversity_seeds,
         "precision": spec.deepspeed.precision, "device": spec.launch.device,

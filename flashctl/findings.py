@@ -254,14 +254,16 @@ def movement_sentence(moves: Sequence[Movement]) -> str:
     if still:
         return (f"{len(moves) - len(still)} of {len(moves)} cells moved measurably from their starting point "
                 f"({how}); {', '.join(still)} did not (McNemar p >= {ALPHA} on T2I and edits).")
-    return (f"Every cell's student moved measurably from its starting point ({how}; McNemar p < {ALPHA}); "
-            "a move down is training that costs accuracy at this length, not a cell too short to compare.")
+    down = any(t.difference < 0 and t.p_value < ALPHA for m in moves for t in m.tests.values())
+    return (f"Every cell's student moved measurably from its starting point ({how}; McNemar p < {ALPHA})"
+            + ("; a move down is training that costs accuracy at this length, not a cell too short to compare."
+               if down else "."))
 
 
 _TASK_NAMES = {"t2i": "T2I", "edit": "edit"}
 
 
 def _moves(m: Movement) -> str:
-    """'T2I -7.3 points, edit -6.0': the tasks on which a cell moved measurably, signed."""
+    """'T2I -7.3 points, edit -6.0 points': the tasks on which a cell moved measurably, signed."""
     return ", ".join(f"{_TASK_NAMES.get(task, task)} {100 * t.difference:+.1f} points"
                      for task, t in m.tests.items() if t.p_value < ALPHA)

@@ -30,23 +30,43 @@ def resolve_model_path(path: str) -> str:
     return path
 
 
-def model_files(path: str | Path) -> list[tuple[str, int, int]]:
-    """(relative name, size, mtime_ns) of every file of a local model folder, sorted: what
-    identifies its weights without reading them (a 20B teacher is ~40 GB; hashing it would cost
-    minutes). Hidden files are left out. A file rewritten in place, a retrained `builtin:base`
-    included, changes its mtime and so the result."""
-    root = Path(path).resolve()
-    return sorted((str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns)
-                  for f in root.rglob("*") if f.is_file() and not f.name.startswith("."))
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+SAMPLE_BYTES = 1 << 20
+
+
+def hash_files(h, root: Path, files) -> None:
+    """Feed `files` (under `root`, in the given order) to the hash `h` by content: each file's
+    relative name and size, then all of it, except weight files over 2 MiB, of which the first
+    and last MiB. Why sampled: a 20B teacher is ~40 GB (hashing it would cost minutes), yet two
+    checkpoints of one architecture differ there (a fine-tune changes every tensor). Why content
+    and not mtimes: a copy, a `touch` or a fresh clone must not make the same weights new."""
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.relative_to(root).as_posix()}\0{size}\0".encode())
+        with open(f, "rb") as fh:
+            if f.suffix not in WEIGHT_SUFFIXES or size <= 2 * SAMPLE_BYTES:
+                h.update(fh.read())
+            else:
+                h.update(fh.read(SAMPLE_BYTES))
+                fh.seek(size - SAMPLE_BYTES)
+                h.update(fh.read(SAMPLE_BYTES))
 
 
 def model_fingerprint(path: str) -> dict[str, object]:
     """What a spec's model reference (`builtin:NAME`, a folder, a hub id) stands for today: a
-    local folder by its resolved path and `model_files`, a hub id by its name. A spec hash sees
-    only the reference, so caches and reuse across runs compare this as well."""
+    local folder by the content of its files (`hash_files`: hidden files left out; wherever the
+    folder lives), a hub id by its name. A spec hash sees only the reference, so caches and reuse
+    across runs compare this as well: a retrained `builtin:base` keeps its name."""
+    import hashlib
+
     resolved = resolve_model_path(path)
-    if Path(resolved).is_dir():
-        return {"path": str(Path(resolved).resolve()), "files": model_files(resolved)}
+    root = Path(resolved)
+    if root.is_dir():
+        root = root.resolve()
+        h = hashlib.sha256()
+        hash_files(h, root, sorted((f for f in root.rglob("*") if f.is_file() and not f.name.startswith(".")),
+                                   key=lambda f: f.relative_to(root).as_posix()))
+        return {"sha256": h.hexdigest()}
     return {"hub": resolved}
 
 

@@ -28,6 +28,7 @@ from flashctl.ablate import (
     run_grid,
     slug,
 )
+from flashctl.ablate.status import event_line
 from flashctl.errors import UserError
 from flashctl.spec import load_spec, spec_hash
 from flashctl.track import (
@@ -325,7 +326,7 @@ def test_a_cell_another_grid_trained_is_reused_until_its_teacher_changes(workdir
     assert a.ok and [s.status for s in a.cells] == ["finished"]
     client = _client(grid_a.tracking_uri)
     digest = client.get_run(a.cells[0].run_id).data.tags[TAG_INPUTS]
-    assert digest == inputs_digest(load_spec(TINY, args)) and len(digest) == 16
+    assert digest == inputs_digest(load_spec(TINY, args)) and digest.startswith("c1-") and len(digest) == 19
 
     grid_b, b = run(["9:1", "7:3"])
     assert b.ok and [s.status for s in b.cells] == ["reused", "finished"]
@@ -354,7 +355,11 @@ def test_a_cell_another_grid_trained_is_reused_until_its_teacher_changes(workdir
     assert [s.status for s in c.cells] == ["finished", "finished"]
 
     weights = next(p for p in teacher.rglob("*.safetensors"))
-    weights.write_bytes(weights.read_bytes())  # the teacher rewritten in place: same path, same hash
+    weights.write_bytes(weights.read_bytes())  # rewritten with the same bytes (a copy, a touch): same teacher
+    assert inputs_digest(load_spec(TINY, args)) == digest
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # the teacher retrained in place: same path, same spec hash, other weights
+    weights.write_bytes(bytes(data))
     assert inputs_digest(load_spec(TINY, args)) != digest
     _, d = run(["9:1", "5:5", "7:3"])
     assert [s.status for s in d.cells] == ["finished", "finished", "finished"]
@@ -367,6 +372,7 @@ def test_a_cell_another_grid_trained_is_reused_until_its_teacher_changes(workdir
     stale = run_grid(grid_a, resume=True, command_builder=build, console=quiet(), poll_s=0.1)
     (cell,) = stale.cells
     assert (cell.status, cell.stale_from, cell.reused_from) == ("reused", a.cells[0].run_id, d.cells[0].run_id)
+    assert f"replaces run {a.cells[0].run_id}, which ran on other teachers' files or data" in event_line(cell)
     assert old_dir.with_name(f"{old_dir.name}.stale-{a.cells[0].run_id[:12]}").is_dir() and not old_dir.exists()
     again = run_grid(grid_a, resume=True, command_builder=build, console=quiet(), poll_s=0.1)
     assert [(s.status, s.run_id, s.stale_from) for s in again.cells] == [("reused", cell.run_id, None)]

@@ -21,7 +21,8 @@ class CellState:
     status: str = "pending"  # pending | skipped | reused | queued (Slurm) | running | finished | failed | killed
     resumed: bool = False
     reused_from: str | None = None  # run id of the other grid's cell whose results this cell shows
-    stale_from: str | None = None  # run id of this cell's finished run whose teachers or data have changed since
+    stale_from: str | None = None  # run id of this cell's run whose teachers or data have changed since
+    stale_dir: Path | None = None  # where that run's run dir was moved
     returncode: int | None = None
     started: float | None = None
     ended: float | None = None
@@ -138,9 +139,9 @@ def event_line(s: CellState) -> str:
     line += f", run {s.run_id}"
     if s.reused_from:
         line += f" (results of {s.reused_from}, same spec hash and inputs in another grid)"
-    if s.stale_from and s.status == "pending":
-        line += (f" (trains again: run {s.stale_from} finished this cell on other teachers' files "
-                 f"or data; its run dir was renamed *.stale-{s.stale_from[:12]})")
+    if s.stale_from and s.status in ("pending", "reused"):
+        line += (f" (replaces run {s.stale_from}, which ran on other teachers' files or data"
+                 + (f"; its run dir is now {s.stale_dir}" if s.stale_dir else "") + ")")
     if s.log and s.status in ("running", "queued", "failed", "killed"):
         line += f", log {s.log}"
     return line

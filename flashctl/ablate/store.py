@@ -90,7 +90,8 @@ def create_parent(client, experiment_id: str, grid: Grid) -> str:
 
 def inputs_digest(spec: ExperimentSpec) -> str | None:
     """Digest of what a cell's job reads that its spec hash cannot see: the files of every
-    teacher (`pipelines.model_fingerprint`: a retrained `builtin:base` keeps its name) and of the
+    teacher (`pipelines.model_fingerprint`, by content: a retrained `builtin:base` keeps its
+    name, a copied or re-cloned one keeps its digest) and of the
     student's init model when it is not a teacher, and the prepared data's manifest digest.
     None when the data is not prepared or a model cannot be found: then nothing is reused."""
     from flashctl.data.manifest import read_manifest
@@ -104,7 +105,12 @@ def inputs_digest(spec: ExperimentSpec) -> str | None:
     except (UserError, OSError):
         return None
     blob = json.dumps({"data": data, "models": models}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return _SCHEME + hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+_SCHEME = "c1-"
+"""Prefix of `inputs_digest` values: models by content (`c1`). Tags of an older scheme (models
+by path and mtimes, no prefix) never match, so they are neither reused nor called stale."""
 
 
 def find_reusable(client, experiment_id: str, grid: Grid, cell: Cell, inputs: str | None):
@@ -137,10 +143,10 @@ def _usable(client, run_id: str) -> bool:
 
 
 def _stale(client, run, inputs: str | None) -> bool:
-    """Whether a finished cell run trained on other teachers' files or data than `inputs` (the
-    current `inputs_digest`). A reused run is judged by its source's tag. Unknown on either side
-    (a run from before the tag existed, data not prepared) is not stale: a cell is retrained only
-    on evidence, never on a guess."""
+    """Whether a cell run trained on other teachers' files or data than `inputs` (the current
+    `inputs_digest`). A reused run is judged by its source's tag. Unknown on either side (a run
+    from before the tag or its current scheme, data not prepared) is not stale: a cell is
+    retrained only on evidence, never on a guess."""
     tags = run.data.tags
     if tags.get(TAG_REUSED):
         from mlflow.exceptions import MlflowException
@@ -150,14 +156,23 @@ def _stale(client, run, inputs: str | None) -> bool:
         except MlflowException:
             return False
     trained = tags.get(TAG_INPUTS)
-    return inputs is not None and trained is not None and trained != inputs
+    return (inputs is not None and trained is not None and trained.startswith(_SCHEME)
+            and trained != inputs)
 
 
-def _move_aside(run_dir, run_id: str) -> None:
+def _move_aside(run_dir, run_id: str):
     """Rename a stale cell's run dir (its checkpoint would be resumed, not retrained) to
-    `<name>.stale-<run id>`: nothing of the old run is deleted."""
-    if run_dir.exists():
-        run_dir.rename(run_dir.with_name(f"{run_dir.name}.stale-{run_id[:12]}"))
+    `<name>.stale-<run id>` (`-2`, ... if taken): nothing of the old run is deleted. Returns the
+    new path, or None when there was no run dir (a reused cell has none)."""
+    if not run_dir.exists():
+        return None
+    target = run_dir.with_name(f"{run_dir.name}.stale-{run_id[:12]}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = run_dir.with_name(f"{run_dir.name}.stale-{run_id[:12]}-{n}")
+    run_dir.rename(target)
+    return target
 
 
 def create_child(client, experiment_id: str, parent_id: str, grid: Grid, cell: Cell,
@@ -210,15 +225,13 @@ def prepare_runs(client, experiment_id: str, grid: Grid, resume: bool,
                 client.delete_tag(run.info.run_id, TAG_REUSED)
             else:  # --no-reuse, or its source is gone: a new child trains the cell (newest wins)
                 run = None
-        inputs: str | None = None
-        if (run is not None and run.info.status == "FINISHED"
-                and run.data.tags.get(TAG_HASH) == cell.spec_hash):
-            spec = cell.spec or load_spec(grid.spec_path, [*grid.overrides, *cell.override_args()])
-            inputs = inputs_digest(spec)
-            if _stale(client, run, inputs):  # teachers or data changed since: train it again
-                state.stale_from = run.info.run_id
-                _move_aside(grid.cell_run_dir(cell), run.info.run_id)
-                run = None
+        spec = cell.spec or load_spec(grid.spec_path, [*grid.overrides, *cell.override_args()])
+        inputs = inputs_digest(spec)
+        if run is not None and run.data.tags.get(TAG_HASH) == cell.spec_hash and _stale(client, run, inputs):
+            # trained (or half-trained) on other teachers' files or data: not kept, not resumed
+            state.stale_from = run.info.run_id
+            state.stale_dir = _move_aside(grid.cell_run_dir(cell), run.info.run_id)
+            run = None
         if run is not None and run.data.tags.get(TAG_HASH) == cell.spec_hash:
             state.run_id = run.info.run_id
             if run.info.status == "FINISHED":
@@ -226,10 +239,9 @@ def prepare_runs(client, experiment_id: str, grid: Grid, resume: bool,
                 state.status = "reused" if state.reused_from else "skipped"
             else:
                 state.resumed = True
+                if inputs and TAG_INPUTS not in run.data.tags:  # e.g. a reuse left half-made
+                    client.set_tag(run.info.run_id, TAG_INPUTS, inputs)
         else:
-            if inputs is None:
-                spec = cell.spec or load_spec(grid.spec_path, [*grid.overrides, *cell.override_args()])
-                inputs = inputs_digest(spec)
             source = find_reusable(client, experiment_id, grid, cell, inputs) if reuse else None
             if source is not None:  # no inputs tag: only runs that trained are offered for reuse
                 state.run_id = create_child(client, experiment_id, parent_id, grid, cell,

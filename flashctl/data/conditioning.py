@@ -43,9 +43,7 @@ import pyarrow as pa
 
 from flashctl.data.schema import COND_SCHEMA, COND_VERSION, NEGATIVES_NAME
 from flashctl.errors import UserError
-
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
-_SAMPLE = 1 << 20
+from flashctl.pipelines import hash_files
 
 
 def sidecar_name(index: int, count: int) -> str:
@@ -69,9 +67,9 @@ def local_model_dir(path: str) -> Path:
 def model_fingerprint(path: str) -> str:
     """sha256 identifying the text encoder + VAE (+ tokenizer, processor) of pipeline `path`.
 
-    Names, sizes and full contents of the small files (configs, tokenizers); names, sizes and
-    the first and last MiB of weight files: a few MiB read even for a 7B text encoder, yet two
-    checkpoints of one architecture differ (a fine-tune changes every tensor)."""
+    By content (`pipelines.hash_files`): names, sizes and full contents of the small files
+    (configs, tokenizers); names, sizes and the first and last MiB of weight files: a few MiB
+    read even for a 7B text encoder, yet two checkpoints of one architecture differ."""
     root = local_model_dir(path)
     h = hashlib.sha256()
     import json
@@ -82,18 +80,8 @@ def model_fingerprint(path: str) -> str:
         pass
     for sub in ("text_encoder", "vae", "tokenizer", "processor"):
         folder = root / sub
-        if not folder.is_dir():
-            continue
-        for f in sorted(p for p in folder.rglob("*") if p.is_file()):
-            size = f.stat().st_size
-            h.update(f"{f.relative_to(root).as_posix()}\0{size}\0".encode())
-            with open(f, "rb") as fh:
-                if f.suffix not in _WEIGHT_SUFFIXES or size <= 2 * _SAMPLE:
-                    h.update(fh.read())
-                else:
-                    h.update(fh.read(_SAMPLE))
-                    fh.seek(size - _SAMPLE)
-                    h.update(fh.read(_SAMPLE))
+        if folder.is_dir():
+            hash_files(h, root, sorted(p for p in folder.rglob("*") if p.is_file()))
     return h.hexdigest()
 
 
