@@ -306,7 +306,7 @@ def test_a_cell_another_grid_trained_is_reused_until_its_teacher_changes(workdir
     teacher rewritten in place under the same path, trains it again."""
     import shutil
 
-    from flashctl.ablate.store import inputs_digest
+    from flashctl.distill.job import inputs_digest
     from flashctl.report import make_report
     from flashctl.track import TAG_INPUTS, TAG_REUSED
 

@@ -41,6 +41,40 @@ def test_bad_inputs_fail_before_launching(tiny_world, tmp_path, override, field)
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_checkpoint_of_other_teachers_is_not_resumed(tiny_world, tmp_path):
+    """A run dir records `inputs_digest`; once its teacher is retrained in place (same path, same
+    spec hash), resuming its checkpoint is refused in one line; a copy of the same weights is not
+    a change, and --fresh starts over."""
+    import shutil
+
+    from flashctl.distill.job import INPUTS_FILE, inputs_digest, prepare_run
+    from flashctl.spec import load_spec
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_world["teacher"], teacher)
+    args = [*tiny_world["spec_args"], f"run.out_dir={tmp_path}/runs", f"teachers.base.path={teacher}",
+            f"teachers.edit.path={teacher}"]
+    prep = prepare_run(load_spec(SPEC, args))  # writes the run dir, launches nothing
+    digest = json.loads((prep.run_dir / INPUTS_FILE).read_text())["digest"]
+    assert digest == inputs_digest(load_spec(SPEC, args))
+    (prep.run_dir / "checkpoints" / "latest").mkdir(parents=True)  # as if it had trained
+
+    shutil.rmtree(teacher)
+    shutil.copytree(tiny_world["teacher"], teacher)  # the same weights, new files and mtimes
+    ok = run_cli(["distill", SPEC, *args, "--dry-run"], cwd=tmp_path)
+    assert ok.returncode == 0 and "(resumes its checkpoint)" in ok.stdout, ok.stderr
+
+    weights = next(teacher.rglob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # retrained in place
+    weights.write_bytes(bytes(data))
+    res = run_cli(["distill", SPEC, *args, "--dry-run"], cwd=tmp_path)
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert res.returncode == 1 and len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+    assert str(prep.run_dir.name) in lines[0] and "other teachers' files or data" in lines[0]
+    assert "--fresh" in lines[0] and (prep.run_dir / "checkpoints" / "latest").is_dir()  # nothing lost
+
+
 @pytest.mark.slow
 def test_two_rank_zero3_run_exports_a_diffusers_student(tiny_world, tmp_path):
     from diffusers import QwenImagePipeline

@@ -21,14 +21,14 @@ job does not resume the old checkpoint.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from typing import Any
 
 from flashctl.ablate.grid import Cell, Grid
 from flashctl.ablate.status import CellState
+from flashctl.distill.job import INPUTS_SCHEME, inputs_digest
 from flashctl.errors import UserError
-from flashctl.spec import ExperimentSpec, load_spec, to_yaml
+from flashctl.spec import load_spec, to_yaml
 from flashctl.track import (
     KIND_CELL,
     KIND_GRID,
@@ -88,31 +88,6 @@ def create_parent(client, experiment_id: str, grid: Grid) -> str:
     return run_id
 
 
-def inputs_digest(spec: ExperimentSpec) -> str | None:
-    """Digest of what a cell's job reads that its spec hash cannot see: the files of every
-    teacher (`pipelines.model_fingerprint`, by content: a retrained `builtin:base` keeps its
-    name, a copied or re-cloned one keeps its digest) and of the
-    student's init model when it is not a teacher, and the prepared data's manifest digest.
-    None when the data is not prepared or a model cannot be found: then nothing is reused."""
-    from flashctl.data.manifest import read_manifest
-    from flashctl.pipelines import model_fingerprint
-
-    try:
-        data = read_manifest(spec.data.root, verify=False).digest
-        models = {name: model_fingerprint(t.path) for name, t in sorted(spec.teachers.items())}
-        if spec.model.init_from not in spec.teachers:
-            models["init_from"] = model_fingerprint(spec.model.init_from)
-    except (UserError, OSError):
-        return None
-    blob = json.dumps({"data": data, "models": models}, sort_keys=True, default=str)
-    return _SCHEME + hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-_SCHEME = "c1-"
-"""Prefix of `inputs_digest` values: models by content (`c1`). Tags of an older scheme (models
-by path and mtimes, no prefix) never match, so they are neither reused nor called stale."""
-
-
 def find_reusable(client, experiment_id: str, grid: Grid, cell: Cell, inputs: str | None):
     """The newest FINISHED cell run of another grid in the experiment that trained exactly this
     cell (same spec hash and inputs digest) and is not itself a reuse, or None."""
@@ -156,7 +131,7 @@ def _stale(client, run, inputs: str | None) -> bool:
         except MlflowException:
             return False
     trained = tags.get(TAG_INPUTS)
-    return (inputs is not None and trained is not None and trained.startswith(_SCHEME)
+    return (inputs is not None and trained is not None and trained.startswith(INPUTS_SCHEME)
             and trained != inputs)
 
 

@@ -2,12 +2,14 @@
 
 The run directory (`run.out_dir/run.name`) holds `spec.resolved.yaml`, `ds_config.json`
 (student engine; the critic's differs only in its learning rate), `checkpoints/`, `student/`
-(the exported diffusers pipeline), `eval/` and `summary.json`. An existing run directory of
-the same spec hash is resumed; one of another spec is refused.
+(the exported diffusers pipeline), `eval/`, `summary.json` and `inputs.json` (`inputs_digest`).
+An existing run directory of the same spec hash is resumed; one of another spec, or whose
+checkpoint was trained on other teachers' files or data, is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +20,34 @@ from flashctl.spec import ExperimentSpec, load_spec, spec_hash, to_yaml
 from flashctl.system import free_port, port_free
 
 WORKER = "flashctl.distill.worker"
+INPUTS_FILE = "inputs.json"
+
+
+def inputs_digest(spec: ExperimentSpec) -> str | None:
+    """Digest of what a distill job reads that its spec hash cannot see: the files of every
+    teacher (`pipelines.model_fingerprint`, by content: a retrained `builtin:base` keeps its
+    name, a copied or re-cloned one keeps its digest) and of the student's init model when it
+    is not a teacher, and the prepared data's manifest digest. Kept in the run dir
+    (`inputs.json`: a resume on other inputs is refused) and on ablation cells' runs (reuse
+    across grids, stale cells). None when the data is not prepared or a model cannot be found:
+    then nothing is compared or reused."""
+    from flashctl.data.manifest import read_manifest
+    from flashctl.pipelines import model_fingerprint
+
+    try:
+        data = read_manifest(spec.data.root, verify=False).digest
+        models = {name: model_fingerprint(t.path) for name, t in sorted(spec.teachers.items())}
+        if spec.model.init_from not in spec.teachers:
+            models["init_from"] = model_fingerprint(spec.model.init_from)
+    except (UserError, OSError):
+        return None
+    blob = json.dumps({"data": data, "models": models}, sort_keys=True, default=str)
+    return INPUTS_SCHEME + hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+INPUTS_SCHEME = "c1-"
+"""Prefix of `inputs_digest` values: models by content (`c1`). Tags of an older scheme (models
+by path and mtimes, no prefix) never match, so they are neither reused nor called stale."""
 
 
 @dataclass
@@ -82,11 +112,24 @@ def prepare_run(spec: ExperimentSpec, fresh: bool = False, dry_run: bool = False
             shutil.rmtree(run_dir)
         else:
             resuming = (run_dir / "checkpoints" / "latest").exists()
+    inputs = inputs_digest(spec)
+    if resuming and inputs is not None:
+        try:
+            before = json.loads((run_dir / INPUTS_FILE).read_text()).get("digest")
+        except (OSError, ValueError, AttributeError):
+            before = None  # a run dir from before the file (or its scheme): nothing to compare
+        if isinstance(before, str) and before.startswith(INPUTS_SCHEME) and before != inputs:
+            raise UserError(
+                f"{run_dir}: its checkpoint was trained on other teachers' files or data (inputs "
+                f"{before}, now {inputs}); choose another run.name or pass --fresh to start over"
+            )
     ds = ds_config_preview(spec)
     if not dry_run:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(resolved, to_yaml(spec))
         atomic_write_json(run_dir / "ds_config.json", ds)
+        if inputs is not None:
+            atomic_write_json(run_dir / INPUTS_FILE, {"digest": inputs})
     worker_args = ["--run-dir", str(run_dir.resolve())]
     backend = spec.launch.backend
     script = None
@@ -130,7 +173,8 @@ def describe(prep: PreparedRun) -> str:
 
     env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(prep.env.items())
                    if k.startswith(("DS_", "OMP_", "MASTER_", "MLFLOW_", "PYTHONWARNINGS")))
-    return (f"# run dir: {prep.run_dir}\n# DeepSpeed config (ds_config.json):\n"
+    what = " (resumes its checkpoint)" if prep.resuming else ""
+    return (f"# run dir: {prep.run_dir}{what}\n# DeepSpeed config (ds_config.json):\n"
             + "\n".join("# " + line for line in json.dumps(prep.ds_config, indent=2).splitlines())
             + f"\n{env} {shlex.join(prep.command)}\n")
 
