@@ -180,7 +180,15 @@ def factor_finding(factor: str, per_metric: Mapping[str, Mapping[str, Outcomes]]
                    per_metric_seeds: Mapping[str, Mapping[str, Mapping[str, Outcomes]]] | None = None) -> FactorFinding:
     metrics = {m: compare(factor, m, per_metric[m], (per_metric_seeds or {}).get(m)) for m in per_metric}
     verdict, why = judge(factor, metrics)
+    if verdict in ("agree", "disagree") and not any(lv.seeds for m in metrics.values() for lv in m.levels):
+        why += f"; {ONE_SEED}"
     return FactorFinding(factor, metrics, PAPER.get(factor), verdict, why)
+
+
+ONE_SEED = ("one training seed per level: p covers the eval rows, not how far another training seed "
+            "moves a cell; confirm with `flashctl ablate --seeds N`")
+"""Said with an agree/disagree verdict of a grid without `--seeds`. Why: on the embedded default
+two seeds of one recipe differed by 6.5 points T2I (README), more than its levels did."""
 
 
 def group_outcomes(cells: Sequence[tuple[Mapping[str, str], Sequence[Mapping]]], factor: str,

@@ -47,6 +47,13 @@ def test_another_level_significantly_better_disagrees():
     pooled, seeds = group_outcomes(mixture_cells({"9:1": 80, "5:5": 40}), "task-mixture", ["task-mixture"])
     f = factor_finding("task-mixture", pooled, seeds)
     assert f.verdict == "disagree" and "9:1" in f.why
+    # one training seed per level: the verdict says what its p-value does not cover
+    assert f.why.endswith("one training seed per level: p covers the eval rows, not how far another training "
+                          "seed moves a cell; confirm with `flashctl ablate --seeds N`")
+    cells = mixture_cells({"9:1": 80, "5:5": 40}, seeds=("0", "1"))
+    pooled, seeds = group_outcomes(cells, "task-mixture", ["task-mixture", "seed"])
+    f = factor_finding("task-mixture", pooled, seeds)
+    assert f.verdict == "disagree" and "training seed" not in f.why  # seeds ran: their spread is in the table
 
 
 def test_seeds_pool_as_pairs_and_give_a_spread():
