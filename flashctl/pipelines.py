@@ -3,6 +3,7 @@ package; `pipeline_info` reads a pipeline's class from its model_index.json (no 
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from flashctl.errors import UserError
@@ -57,8 +58,6 @@ def model_fingerprint(path: str) -> dict[str, object]:
     local folder by the content of its files (`hash_files`: hidden files left out; wherever the
     folder lives), a hub id by its name. A spec hash sees only the reference, so caches and reuse
     across runs compare this as well: a retrained `builtin:base` keeps its name."""
-    import hashlib
-
     resolved = resolve_model_path(path)
     root = Path(resolved)
     if root.is_dir():

@@ -191,6 +191,7 @@ def prepare_runs(client, experiment_id: str, grid: Grid, resume: bool,
     else:
         parent_id = create_parent(client, experiment_id, grid)
     states = []
+    digests: dict[tuple, str | None] = {}
     for cell in grid.cells:
         run = children.get(cell.key)
         state = CellState(cell, log=grid.cell_log(cell))
@@ -201,7 +202,10 @@ def prepare_runs(client, experiment_id: str, grid: Grid, resume: bool,
             else:  # --no-reuse, or its source is gone: a new child trains the cell (newest wins)
                 run = None
         spec = cell.spec or load_spec(grid.spec_path, [*grid.overrides, *cell.override_args()])
-        inputs = inputs_digest(spec)
+        what = (spec.data.root, spec.model.init_from, tuple((n, t.path) for n, t in sorted(spec.teachers.items())))
+        if what not in digests:  # the grid's cells mostly share teachers and data: read their files once
+            digests[what] = inputs_digest(spec)
+        inputs = digests[what]
         if run is not None and run.data.tags.get(TAG_HASH) == cell.spec_hash and _stale(client, run, inputs):
             # trained (or half-trained) on other teachers' files or data: not kept, not resumed
             state.stale_from = run.info.run_id
