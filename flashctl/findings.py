@@ -7,7 +7,10 @@ differs only in the factor being compared. Intervals are Wilson, comparisons exa
 (`flashctl.stats`), the best level's tests against the others Holm-adjusted as one family (the
 best is picked after looking). A level "wins" a task only when it has the highest accuracy AND
 every adjusted paired test against another level gives p < `ALPHA`; otherwise the finding says
-the levels cannot be told apart at this eval size, which is a result, not a failure.
+the levels cannot be told apart at this eval size, which is a result, not a failure. When both
+levels of a comparison ran with several training seeds (`ablate --seeds N`), the win must also
+hold across seeds: a two-level bootstrap over seeds and rows (`stats.seed_bootstrap`, Holm-
+adjusted as its own family), since the pooled McNemar counts another seed as more eval rows.
 """
 
 from __future__ import annotations
@@ -15,14 +18,25 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from flashctl.stats import Interval, PairedTest, Spread, accuracy_interval, holm, paired_test, spread
+from flashctl.stats import (
+    Interval,
+    PairedTest,
+    SeedBootstrap,
+    Spread,
+    accuracy_interval,
+    holm,
+    paired_test,
+    seed_bootstrap,
+    spread,
+)
 
 ALPHA = 0.05
 SEED_FACTOR = "seed"
 """Pseudo-factor of `ablate --seeds N`: repeats of every cell over training seeds (pooled, not compared)."""
 
 Outcomes = dict[str, bool]
-"""Pairing key (other factors' levels, seed, row id) -> the student got the row right."""
+"""Pairing key (other factors' levels, seed, row id) -> the student got the row right (per seed:
+the key leaves the seed out, so one row has one key in every seed)."""
 
 METRICS: dict[str, str] = {"t2i": "T2I", "edit": "edit", "text": "text rendering (T2I, text category)"}
 """Outcome groups compared per factor: T2I rows, edit rows, and the text category of T2I rows."""
@@ -63,10 +77,27 @@ class MetricFinding:
     tests: dict[str, PairedTest] = field(default_factory=dict)  # best vs each other level
     significant: bool = False
     adjusted: dict[str, float] = field(default_factory=dict)  # Holm-adjusted p of each test
+    seed_tests: dict[str, SeedBootstrap] = field(default_factory=dict)  # best vs level, across seeds
+    seed_adjusted: dict[str, float] = field(default_factory=dict)
 
     def p(self, level: str) -> float:
         """The Holm-adjusted p-value of the best level against `level`."""
         return self.adjusted.get(level, self.tests[level].p_value)
+
+    def seed_p(self, level: str) -> float | None:
+        """The Holm-adjusted seed-bootstrap p-value of the best level against `level` (None
+        unless both ran with several training seeds)."""
+        if level not in self.seed_tests:
+            return None
+        return self.seed_adjusted.get(level, self.seed_tests[level].p_value)
+
+    def beats(self, level: str) -> bool:
+        """The best level is significantly above `level`: on the same rows and seeds (McNemar)
+        and, where both ran several training seeds, across them (seed bootstrap)."""
+        if level not in self.tests or not (self.p(level) < ALPHA and self.tests[level].difference > 0):
+            return False
+        sp = self.seed_p(level)
+        return sp is None or (sp < ALPHA and self.seed_tests[level].difference > 0)
 
     def sentence(self) -> str:
         name = METRICS.get(self.metric, self.metric)
@@ -78,12 +109,18 @@ class MetricFinding:
             return f"{self.factor}, {name}: only {self.best} ran ({acc})."
         worst_p = max(self.p(lv) for lv in self.tests) if self.tests else 1.0
         holm_note = ", Holm-adjusted" if len(self.tests) > 1 else ""
+        seed_ps = [p for p in (self.seed_p(lv) for lv in self.tests) if p is not None]
+        seeds_note = ""
+        if seed_ps:
+            n = min(min(t.seeds_a, t.seeds_b) for t in self.seed_tests.values())
+            seeds_note = f"; across {n}+ training seeds p {'<=' if self.significant else '='} {max(seed_ps):.3g}"
         if self.significant:
             return (f"{self.factor}, {name}: {self.best} is best ({acc}) and beats every other level "
-                    f"on the same rows and seeds (McNemar p <= {worst_p:.3g}{holm_note}).")
-        close = [lv for lv in self.tests if self.p(lv) >= ALPHA]
+                    f"on the same rows and seeds (McNemar p <= {worst_p:.3g}{holm_note}{seeds_note}).")
+        close = [lv for lv in self.tests if not self.beats(lv)]
+        where = "across training seeds" if seed_ps and all(self.p(lv) < ALPHA for lv in close) else "at this eval size"
         return (f"{self.factor}, {name}: {self.best} scores highest ({acc}) but cannot be told apart from "
-                f"{', '.join(close)} at this eval size (McNemar p = {worst_p:.3g}{holm_note}).")
+                f"{', '.join(close)} {where} (McNemar p = {worst_p:.3g}{holm_note}{seeds_note}).")
 
 
 @dataclass
@@ -110,8 +147,13 @@ def compare(factor: str, metric: str, outcomes: Mapping[str, Outcomes],
     best = max(levels, key=lambda r: r.interval.estimate).level
     tests = {lv: paired_test(outcomes[best], outcomes[lv]) for lv in outcomes if lv != best and outcomes[lv]}
     adjusted = holm({lv: t.p_value for lv, t in tests.items()})
-    significant = bool(tests) and all(adjusted[lv] < ALPHA and t.difference > 0 for lv, t in tests.items())
-    return MetricFinding(factor, metric, levels, best, tests, significant, adjusted)
+    per_seed = seed_outcomes or {}
+    seed_tests = {lv: t for lv in tests
+                  if (t := seed_bootstrap(per_seed.get(best, {}), per_seed.get(lv, {}))) is not None}
+    f = MetricFinding(factor, metric, levels, best, tests, False, adjusted, seed_tests,
+                      holm({lv: t.p_value for lv, t in seed_tests.items()}))
+    f.significant = bool(tests) and all(f.beats(lv) for lv in tests)
+    return f
 
 
 def _acc(f: MetricFinding, level: str) -> float | None:
@@ -134,7 +176,9 @@ def judge(factor: str, metrics: Mapping[str, MetricFinding]) -> tuple[str, str]:
             return "agree", "5:5 has the best edit accuracy, significantly above every other mixture"
         t = paired_test_against(f, "5:5")
         if t:
-            return "disagree", f"{t[0]} edits significantly better than 5:5 (p = {t[1]:.3g})"
+            sp = f.seed_p("5:5")
+            return "disagree", (f"{t[0]} edits significantly better than 5:5 (p = {t[1]:.3g}"
+                                + (f"; across training seeds p = {sp:.3g})" if sp is not None else ")"))
         return "inconclusive", "no mixture is significantly better than the others at editing"
     if factor == "teacher-guidance":
         if not {"stepwise", "specialised"} <= have:
@@ -171,9 +215,7 @@ def paired_test_against(f: MetricFinding, level: str) -> tuple[str, float] | Non
 def _significantly(f: MetricFinding, a: str, b: str) -> bool:
     """`a` beats `b` with Holm-adjusted p < ALPHA in `f` (tests are stored best-vs-other: only pairs
     with the best)."""
-    if f.best == a and b in f.tests:
-        return f.p(b) < ALPHA and f.tests[b].difference > 0
-    return False
+    return f.best == a and f.beats(b)
 
 
 def factor_finding(factor: str, per_metric: Mapping[str, Mapping[str, Outcomes]],
@@ -197,7 +239,8 @@ def group_outcomes(cells: Sequence[tuple[Mapping[str, str], Sequence[Mapping]]],
 
     `cells`: (levels of the cell, its student's per-row results [{id, task, category, correct}]).
     Keys pair a row with the same row of a cell that has the same other levels and seed.
-    Returns (metric -> level -> outcomes, metric -> level -> seed -> outcomes)."""
+    Returns (metric -> level -> outcomes keyed by (context, seed, row), metric -> level -> seed ->
+    outcomes keyed by (context, row): the same key in every seed, for `stats.seed_bootstrap`)."""
     pooled: dict[str, dict[str, Outcomes]] = {m: {} for m in METRICS}
     seeds: dict[str, dict[str, dict[str, Outcomes]]] = {m: {} for m in METRICS}
     others = [f for f in factors if f != factor and f != SEED_FACTOR]
@@ -209,11 +252,11 @@ def group_outcomes(cells: Sequence[tuple[Mapping[str, str], Sequence[Mapping]]],
         seed = levels.get(SEED_FACTOR, "0")
         for r in rows:
             groups = [r.get("task")] + (["text"] if r.get("task") == "t2i" and r.get("category") == "text" else [])
-            key = f"{ctx}|{seed}|{r.get('id')}"
+            row = f"{ctx}|{r.get('id')}"
             for m in groups:
                 if m in pooled:
-                    pooled[m].setdefault(level, {})[key] = bool(r.get("correct"))
-                    seeds[m].setdefault(level, {}).setdefault(seed, {})[key] = bool(r.get("correct"))
+                    pooled[m].setdefault(level, {})[f"{ctx}|{seed}|{r.get('id')}"] = bool(r.get("correct"))
+                    seeds[m].setdefault(level, {}).setdefault(seed, {})[row] = bool(r.get("correct"))
     return pooled, seeds
 
 

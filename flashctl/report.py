@@ -877,7 +877,8 @@ def _ci(r) -> str:
 
 def findings_rows(finding: FactorFinding) -> tuple[list[str], list[list[str]]]:
     """Header and rows of a factor's findings table: per level, accuracy [95% CI] and the
-    McNemar p-value against the best level (Holm-adjusted over the levels), for each outcome group."""
+    McNemar p-value against the best level (Holm-adjusted over the levels), for each outcome group;
+    with several training seeds per level also the seed bootstrap's p ("0.01; seeds 0.3")."""
     metrics = list(finding.metrics.values())
     header = [finding.factor] + [f"{METRICS[m.metric]} % [95% CI]" for m in metrics] + \
              [f"p vs best ({METRICS[m.metric].split(' (')[0]})" for m in metrics]
@@ -888,7 +889,9 @@ def findings_rows(finding: FactorFinding) -> tuple[list[str], list[list[str]]]:
         for m in metrics:
             r = next((r for r in m.levels if r.level == lv), None)
             cells.append("—" if r is None else _ci(r) + (" ★" if lv == m.best else ""))
-            ps.append("best" if lv == m.best else ("—" if lv not in m.tests else f"{m.p(lv):.3g}"))
+            sp = m.seed_p(lv) if lv in m.tests else None
+            ps.append("best" if lv == m.best else ("—" if lv not in m.tests else f"{m.p(lv):.3g}"
+                                                   + ("" if sp is None else f"; seeds {sp:.3g}")))
         rows.append(cells + ps)
     return header, rows
 
@@ -959,10 +962,14 @@ def movement_html(moves: Sequence[Movement]) -> str:
     return "".join(parts)
 
 
+FINDINGS_LEGEND = ("Student accuracy with Wilson 95% intervals; p = exact McNemar test against the best level on "
+                   "the same eval rows and seeds, Holm-adjusted over the other levels; where both levels ran "
+                   "several training seeds, \"seeds p\" = two-level bootstrap over training seeds and eval rows "
+                   "(Holm-adjusted), which a level must also pass to be called best; ★ = best.")
+
+
 def findings_markdown(findings: Sequence[FactorFinding]) -> str:
-    lines = ["## Findings", "",
-             "Student accuracy with Wilson 95% intervals; p = exact McNemar test against the best level on "
-             "the same eval rows and seeds, Holm-adjusted over the other levels; ★ = best.", ""]
+    lines = ["## Findings", "", FINDINGS_LEGEND, ""]
     for f in findings:
         header, rows = findings_rows(f)
         lines += [f"### {f.factor}", "", "| " + " | ".join(_md_escape(h) for h in header) + " |",
@@ -974,9 +981,7 @@ def findings_markdown(findings: Sequence[FactorFinding]) -> str:
 
 def findings_html(findings: Sequence[FactorFinding]) -> str:
     e = html.escape
-    parts = ['<h2 id="findings">Findings</h2><p class="meta">Student accuracy with Wilson 95% intervals; '
-             "p = exact McNemar test against the best level on the same eval rows and seeds, Holm-adjusted "
-             "over the other levels; ★ = best.</p>"]
+    parts = [f'<h2 id="findings">Findings</h2><p class="meta">{e(FINDINGS_LEGEND)}</p>']
     for f in findings:
         header, rows = findings_rows(f)
         verdict = f'<span class="verdict {e(f.verdict.replace(" ", "-"))}">{e(f.verdict)}</span>'

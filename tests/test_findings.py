@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from flashctl.findings import compare, factor_finding, group_outcomes
+from flashctl.findings import ONE_SEED, compare, factor_finding, group_outcomes
 from flashctl.stats import mcnemar_exact
 
 
@@ -53,7 +53,8 @@ def test_another_level_significantly_better_disagrees():
     cells = mixture_cells({"9:1": 80, "5:5": 40}, seeds=("0", "1"))
     pooled, seeds = group_outcomes(cells, "task-mixture", ["task-mixture", "seed"])
     f = factor_finding("task-mixture", pooled, seeds)
-    assert f.verdict == "disagree" and "training seed" not in f.why  # seeds ran: their spread is in the table
+    assert f.verdict == "disagree" and ONE_SEED not in f.why  # seeds ran: their spread is in the table
+    assert "across training seeds p = " in f.why
 
 
 def test_seeds_pool_as_pairs_and_give_a_spread():
@@ -65,6 +66,30 @@ def test_seeds_pool_as_pairs_and_give_a_spread():
     five = next(r for r in finding.levels if r.level == "5:5")
     assert five.interval.estimate == pytest.approx(0.65) and five.seeds.n == 2
     assert five.seeds.mean == pytest.approx(0.65) and five.seeds.low == pytest.approx(0.6)
+
+
+def _seeded(rights: dict[str, list[int]], n: int = 100):
+    """Task-mixture cells over seeds: level -> edit rows right per seed (the first k of n)."""
+    return [({"task-mixture": lv, "seed": str(i)}, rows("edit", [j < k for j in range(n)]))
+            for lv, ks in rights.items() for i, k in enumerate(ks)]
+
+
+def test_with_seeds_a_win_must_hold_across_training_seeds():
+    # 5:5's two seeds 90 and 50, 9:1's 60 and 60: pooled McNemar p = 0.002, but one seed made it
+    pooled, seeds = group_outcomes(_seeded({"5:5": [90, 50], "9:1": [60, 60]}), "task-mixture",
+                                   ["task-mixture", "seed"])
+    f = factor_finding("task-mixture", pooled, seeds)
+    edit = f.metrics["edit"]
+    assert edit.best == "5:5" and edit.p("9:1") < 0.01
+    assert edit.seed_p("9:1") > 0.3 and not edit.significant and f.verdict == "inconclusive"
+    assert "cannot be told apart from 9:1 across training seeds" in edit.sentence()
+    # every seed shows the gap: significant on both tests, and the paper's claim is met
+    pooled, seeds = group_outcomes(_seeded({"5:5": [70, 72], "9:1": [40, 42]}), "task-mixture",
+                                   ["task-mixture", "seed"])
+    f = factor_finding("task-mixture", pooled, seeds)
+    edit = f.metrics["edit"]
+    assert edit.significant and edit.seed_p("9:1") < 0.001 and f.verdict == "agree"
+    assert "across 2+ training seeds p <=" in edit.sentence()
 
 
 def test_text_rendering_is_its_own_outcome_group_for_data_composition():

@@ -6,7 +6,15 @@ import math
 
 import pytest
 
-from flashctl.stats import accuracy_interval, mcnemar_exact, paired_test, rows_for_half_width, spread, wilson
+from flashctl.stats import (
+    accuracy_interval,
+    mcnemar_exact,
+    paired_test,
+    rows_for_half_width,
+    seed_bootstrap,
+    spread,
+    wilson,
+)
 
 
 def test_wilson_matches_the_hand_computed_interval():
@@ -62,3 +70,36 @@ def test_holm_adjusts_by_hand_and_keeps_the_order():
     assert holm({"a": 0.5, "b": 0.3}) == pytest.approx({"a": 0.6, "b": 0.6})
     assert holm({"only": 0.03}) == {"only": 0.03}  # two levels: one test, nothing to adjust
     assert holm({}) == {}
+
+
+def _seeds(rights: list[int], n: int = 100) -> dict[str, dict[str, bool]]:
+    """Training seed -> row -> outcome: in seed i the first rights[i] of n rows are right."""
+    return {str(i): {f"r{j}": j < k for j in range(n)} for i, k in enumerate(rights)}
+
+
+def test_seed_bootstrap_separates_a_gap_every_seed_shows():
+    t = seed_bootstrap(_seeds([70, 72]), _seeds([40, 42]))
+    assert t.difference == pytest.approx(0.30) and (t.seeds_a, t.seeds_b, t.rows) == (2, 2, 100)
+    assert 0.2 < t.low < 0.3 < t.high < 0.4
+    # no replicate reaches 0: p is the +1-corrected floor 2 / (replicates + 1)
+    assert t.p_value == pytest.approx(2 / 4001)
+    assert seed_bootstrap(_seeds([70, 72]), _seeds([40, 42])) == t  # deterministic
+
+
+def test_seed_bootstrap_does_not_count_one_lucky_seed_as_more_rows():
+    """A's seeds score 90 and 50, B's 60 and 60 on the same 100 rows. Pooled over seeds as 200
+    paired rows, McNemar sees 30 rows for A against 10 for B (p = 0.002); across seeds, A's mean
+    (0.7) is one draw of a recipe whose seeds differ by 40 points."""
+    a, b = _seeds([90, 50]), _seeds([60, 60])
+    pooled = lambda d: {f"{s}|{r}": v for s, rows in d.items() for r, v in rows.items()}  # noqa: E731
+    p_pooled = paired_test(pooled(a), pooled(b)).p_value
+    assert p_pooled == pytest.approx(mcnemar_exact(30, 10)) and p_pooled < 0.01
+    t = seed_bootstrap(a, b)
+    assert t.difference == pytest.approx(0.10)
+    assert t.low < 0 < t.high and t.p_value > 0.3
+
+
+def test_seed_bootstrap_needs_two_seeds_a_side_and_shared_rows():
+    assert seed_bootstrap(_seeds([70]), _seeds([40, 42])) is None
+    other_rows = {s: {f"x{r}": v for r, v in rows.items()} for s, rows in _seeds([40, 42]).items()}
+    assert seed_bootstrap(_seeds([70, 72]), other_rows) is None
