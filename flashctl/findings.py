@@ -9,8 +9,9 @@ best is picked after looking). A level "wins" a task only when it has the highes
 every adjusted paired test against another level gives p < `ALPHA`; otherwise the finding says
 the levels cannot be told apart at this eval size, which is a result, not a failure. When both
 levels of a comparison ran with several training seeds (`ablate --seeds N`), the win must also
-hold across seeds: a two-level bootstrap over seeds and rows (`stats.seed_bootstrap`, Holm-
-adjusted as its own family), since the pooled McNemar counts another seed as more eval rows.
+hold across seeds: Student's t on per-seed accuracies (`stats.seed_test`, Holm-adjusted as its
+own family), since the pooled McNemar counts another seed as more eval rows; in such a grid a
+pair with one seed on either side cannot confirm a win.
 """
 
 from __future__ import annotations
@@ -21,12 +22,12 @@ from dataclasses import dataclass, field
 from flashctl.stats import (
     Interval,
     PairedTest,
-    SeedBootstrap,
+    SeedTest,
     Spread,
     accuracy_interval,
     holm,
     paired_test,
-    seed_bootstrap,
+    seed_test,
     spread,
 )
 
@@ -77,27 +78,39 @@ class MetricFinding:
     tests: dict[str, PairedTest] = field(default_factory=dict)  # best vs each other level
     significant: bool = False
     adjusted: dict[str, float] = field(default_factory=dict)  # Holm-adjusted p of each test
-    seed_tests: dict[str, SeedBootstrap] = field(default_factory=dict)  # best vs level, across seeds
-    seed_adjusted: dict[str, float] = field(default_factory=dict)
+    seed_tests: dict[str, SeedTest] = field(default_factory=dict)  # best vs level, across seeds
+    seed_adjusted: dict[str, float] = field(default_factory=dict)  # Holm-adjusted p of each seed test
+
+    @property
+    def seeded(self) -> bool:
+        """Some level ran several training seeds (`ablate --seeds N`)."""
+        return any(lv.seeds is not None for lv in self.levels)
 
     def p(self, level: str) -> float:
-        """The Holm-adjusted p-value of the best level against `level`."""
+        """The Holm-adjusted McNemar p-value of the best level against `level`."""
         return self.adjusted.get(level, self.tests[level].p_value)
 
     def seed_p(self, level: str) -> float | None:
-        """The Holm-adjusted seed-bootstrap p-value of the best level against `level` (None
-        unless both ran with several training seeds)."""
+        """The Holm-adjusted seed t-test p-value of the best level against `level` (None unless
+        both ran several training seeds)."""
         if level not in self.seed_tests:
             return None
         return self.seed_adjusted.get(level, self.seed_tests[level].p_value)
 
+    def beats_on_rows(self, level: str) -> bool:
+        """The best level is above `level` on the same rows and seeds (Holm-adjusted McNemar)."""
+        return level in self.tests and self.p(level) < ALPHA and self.tests[level].difference > 0
+
     def beats(self, level: str) -> bool:
         """The best level is significantly above `level`: on the same rows and seeds (McNemar)
-        and, where both ran several training seeds, across them (seed bootstrap)."""
-        if level not in self.tests or not (self.p(level) < ALPHA and self.tests[level].difference > 0):
+        and, in a grid that repeats training seeds, across them (seed t-test). A pair with a
+        single seed on either side cannot confirm there, since the other seeds showed spread."""
+        if not self.beats_on_rows(level):
             return False
+        if not self.seeded:
+            return True
         sp = self.seed_p(level)
-        return sp is None or (sp < ALPHA and self.seed_tests[level].difference > 0)
+        return sp is not None and sp < ALPHA and self.seed_tests[level].difference > 0
 
     def sentence(self) -> str:
         name = METRICS.get(self.metric, self.metric)
@@ -107,20 +120,33 @@ class MetricFinding:
         acc = f"{100 * best.interval.estimate:.1f}% [{100 * best.interval.low:.1f}, {100 * best.interval.high:.1f}]"
         if len(self.levels) < 2:
             return f"{self.factor}, {name}: only {self.best} ran ({acc})."
-        worst_p = max(self.p(lv) for lv in self.tests) if self.tests else 1.0
-        holm_note = ", Holm-adjusted" if len(self.tests) > 1 else ""
-        seed_ps = [p for p in (self.seed_p(lv) for lv in self.tests) if p is not None]
-        seeds_note = ""
-        if seed_ps:
-            n = min(min(t.seeds_a, t.seeds_b) for t in self.seed_tests.values())
-            seeds_note = f"; across {n}+ training seeds p {'<=' if self.significant else '='} {max(seed_ps):.3g}"
+        holm = " Holm-adjusted" if len(self.tests) > 1 else ""
         if self.significant:
-            return (f"{self.factor}, {name}: {self.best} is best ({acc}) and beats every other level "
-                    f"on the same rows and seeds (McNemar p <= {worst_p:.3g}{holm_note}{seeds_note}).")
-        close = [lv for lv in self.tests if not self.beats(lv)]
-        where = "across training seeds" if seed_ps and all(self.p(lv) < ALPHA for lv in close) else "at this eval size"
+            text = (f"{self.factor}, {name}: {self.best} is best ({acc}) and beats every other level on the "
+                    f"same rows and seeds ({holm.strip() + ' ' if holm else ''}McNemar p <= "
+                    f"{max(self.p(lv) for lv in self.tests):.3g}")
+            if self.seeded:
+                n = min(min(t.seeds_a, t.seeds_b) for t in self.seed_tests.values())
+                text += (f") and across training seeds (t-test on {n}+ seeds a level, p <= "
+                         f"{max(self.seed_p(lv) for lv in self.tests):.3g}")
+            return text + ")."
+        on_rows = [lv for lv in self.tests if not self.beats_on_rows(lv)]
+        on_seeds = [lv for lv in self.tests if self.beats_on_rows(lv) and not self.beats(lv)]
+        parts = []
+        if on_rows:
+            parts.append(f"{', '.join(on_rows)} at this eval size ({holm.strip() + ' ' if holm else ''}McNemar p = "
+                         f"{max(self.p(lv) for lv in on_rows):.3g})")
+        if on_seeds:
+            tested = [self.seed_p(lv) for lv in on_seeds if self.seed_p(lv) is not None]
+            single = [lv for lv in on_seeds if self.seed_p(lv) is None]
+            why = []
+            if tested:
+                why.append(f"seed t-test p = {max(tested):.3g}{holm}")
+            if single:
+                why.append(f"{', '.join(single)} ran one training seed")
+            parts.append(f"{', '.join(on_seeds)} across training seeds ({'; '.join(why)})")
         return (f"{self.factor}, {name}: {self.best} scores highest ({acc}) but cannot be told apart from "
-                f"{', '.join(close)} {where} (McNemar p = {worst_p:.3g}{holm_note}{seeds_note}).")
+                + "; nor from ".join(parts) + ".")
 
 
 @dataclass
@@ -149,7 +175,7 @@ def compare(factor: str, metric: str, outcomes: Mapping[str, Outcomes],
     adjusted = holm({lv: t.p_value for lv, t in tests.items()})
     per_seed = seed_outcomes or {}
     seed_tests = {lv: t for lv in tests
-                  if (t := seed_bootstrap(per_seed.get(best, {}), per_seed.get(lv, {}))) is not None}
+                  if (t := seed_test(per_seed.get(best, {}), per_seed.get(lv, {}))) is not None}
     f = MetricFinding(factor, metric, levels, best, tests, False, adjusted, seed_tests,
                       holm({lv: t.p_value for lv, t in seed_tests.items()}))
     f.significant = bool(tests) and all(f.beats(lv) for lv in tests)
@@ -222,7 +248,8 @@ def factor_finding(factor: str, per_metric: Mapping[str, Mapping[str, Outcomes]]
                    per_metric_seeds: Mapping[str, Mapping[str, Mapping[str, Outcomes]]] | None = None) -> FactorFinding:
     metrics = {m: compare(factor, m, per_metric[m], (per_metric_seeds or {}).get(m)) for m in per_metric}
     verdict, why = judge(factor, metrics)
-    if verdict in ("agree", "disagree") and not any(lv.seeds for m in metrics.values() for lv in m.levels):
+    claim = PAPER.get(factor)
+    if verdict in ("agree", "disagree") and claim and not metrics[claim.metric].seeded:
         why += f"; {ONE_SEED}"
     return FactorFinding(factor, metrics, PAPER.get(factor), verdict, why)
 
@@ -240,7 +267,7 @@ def group_outcomes(cells: Sequence[tuple[Mapping[str, str], Sequence[Mapping]]],
     `cells`: (levels of the cell, its student's per-row results [{id, task, category, correct}]).
     Keys pair a row with the same row of a cell that has the same other levels and seed.
     Returns (metric -> level -> outcomes keyed by (context, seed, row), metric -> level -> seed ->
-    outcomes keyed by (context, row): the same key in every seed, for `stats.seed_bootstrap`)."""
+    outcomes keyed by (context, row): the same key in every seed, for `stats.seed_test`)."""
     pooled: dict[str, dict[str, Outcomes]] = {m: {} for m in METRICS}
     seeds: dict[str, dict[str, dict[str, Outcomes]]] = {m: {} for m in METRICS}
     others = [f for f in factors if f != factor and f != SEED_FACTOR]

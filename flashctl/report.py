@@ -878,7 +878,7 @@ def _ci(r) -> str:
 def findings_rows(finding: FactorFinding) -> tuple[list[str], list[list[str]]]:
     """Header and rows of a factor's findings table: per level, accuracy [95% CI] and the
     McNemar p-value against the best level (Holm-adjusted over the levels), for each outcome group;
-    with several training seeds per level also the seed bootstrap's p ("0.01; seeds 0.3")."""
+    with several training seeds per level also the seed t-test's p ("0.01; seeds 0.3")."""
     metrics = list(finding.metrics.values())
     header = [finding.factor] + [f"{METRICS[m.metric]} % [95% CI]" for m in metrics] + \
              [f"p vs best ({METRICS[m.metric].split(' (')[0]})" for m in metrics]
@@ -912,7 +912,8 @@ def print_findings(findings: Sequence[FactorFinding], console) -> None:
 
     for f in findings:
         header, rows = findings_rows(f)
-        t = Table(title=f"{f.factor}: findings (student; Wilson 95% intervals, exact McNemar on the same rows and seeds, Holm-adjusted)",
+        t = Table(title=f"{f.factor}: findings (student; Wilson 95% intervals, exact McNemar on the same rows and seeds, "
+                        "Holm-adjusted; seeds p = t-test over training seeds)",
                   title_justify="left")
         for i, h in enumerate(header):
             t.add_column(h, justify="left" if i == 0 else "right")
@@ -964,8 +965,9 @@ def movement_html(moves: Sequence[Movement]) -> str:
 
 FINDINGS_LEGEND = ("Student accuracy with Wilson 95% intervals; p = exact McNemar test against the best level on "
                    "the same eval rows and seeds, Holm-adjusted over the other levels; where both levels ran "
-                   "several training seeds, \"seeds p\" = two-level bootstrap over training seeds and eval rows "
-                   "(Holm-adjusted), which a level must also pass to be called best; ★ = best.")
+                   "several training seeds, \"seeds p\" = Student's t-test on the per-seed accuracies "
+                   "(Holm-adjusted), which a level must also pass to be called significantly best; "
+                   "★ = highest accuracy.")
 
 
 def findings_markdown(findings: Sequence[FactorFinding]) -> str:

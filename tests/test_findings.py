@@ -88,8 +88,30 @@ def test_with_seeds_a_win_must_hold_across_training_seeds():
                                    ["task-mixture", "seed"])
     f = factor_finding("task-mixture", pooled, seeds)
     edit = f.metrics["edit"]
-    assert edit.significant and edit.seed_p("9:1") < 0.001 and f.verdict == "agree"
-    assert "across 2+ training seeds p <=" in edit.sentence()
+    assert edit.significant and edit.seed_p("9:1") == pytest.approx(0.0022, abs=1e-4) and f.verdict == "agree"
+    assert "and across training seeds (t-test on 2+ seeds a level, p <= 0.00221)" in edit.sentence()
+
+
+def test_in_a_seeded_grid_a_level_with_one_seed_cannot_confirm_a_win():
+    # 9:1's second seed failed: 5:5 seed 0 (90) vs 9:1 seed 0 (60) is McNemar p ~ 1e-9, but
+    # 5:5's own seeds differ by 40 points, so one seed of 9:1 cannot settle it
+    pooled, seeds = group_outcomes(_seeded({"5:5": [90, 50], "9:1": [60]}), "task-mixture",
+                                   ["task-mixture", "seed"])
+    f = factor_finding("task-mixture", pooled, seeds)
+    edit = f.metrics["edit"]
+    assert edit.p("9:1") < 1e-6 and edit.seed_p("9:1") is None
+    assert not edit.significant and f.verdict == "inconclusive"
+    assert "cannot be told apart from 9:1 across training seeds (9:1 ran one training seed)" in edit.sentence()
+
+
+def test_the_sentence_names_which_test_each_level_failed():
+    # 9:1 fails on the rows (McNemar), 7:3 passes them (30 rows to 10) but not across seeds
+    pooled, seeds = group_outcomes(_seeded({"5:5": [90, 50], "7:3": [60, 60], "9:1": [69, 69]}), "task-mixture",
+                                   ["task-mixture", "seed"])
+    edit = factor_finding("task-mixture", pooled, seeds).metrics["edit"]
+    assert edit.beats_on_rows("7:3") and not edit.beats_on_rows("9:1") and not edit.beats("7:3")
+    assert "cannot be told apart from 9:1 at this eval size (Holm-adjusted McNemar p = " in edit.sentence()
+    assert "; nor from 7:3 across training seeds (seed t-test p = " in edit.sentence()
 
 
 def test_text_rendering_is_its_own_outcome_group_for_data_composition():

@@ -258,3 +258,21 @@ def test_findings_give_intervals_paired_p_values_and_the_paper_verdict(mixture, 
     assert ("2 of 3 cells moved measurably from their starting point (7:3 edit +15.0 points; 5:5 T2I +5.0 points, "
             "edit +30.0 points); 9:1 did not") in md
 
+
+
+def test_findings_table_shows_the_seed_test_next_to_mcnemar():
+    from flashctl.findings import factor_finding, group_outcomes
+    from flashctl.report import FINDINGS_LEGEND, findings_rows
+
+    def cell(level, seed, k):
+        return ({"task-mixture": level, "seed": seed},
+                [{"id": f"e{i}", "task": "edit", "category": "scene", "correct": i < k} for i in range(100)])
+
+    cells = [cell("5:5", "0", 90), cell("5:5", "1", 50), cell("9:1", "0", 60), cell("9:1", "1", 60)]
+    finding = factor_finding("task-mixture", *group_outcomes(cells, "task-mixture", ["task-mixture", "seed"]))
+    header, rows = findings_rows(finding)
+    nine = next(r for r in rows if r[0] == "9:1")
+    edit_p = nine[header.index("p vs best (edit)")]
+    assert edit_p == "0.00222; seeds 0.667", edit_p  # McNemar 30 vs 10 rows; t = 0.5 on df 2
+    assert "seeds 70.0 ± 28.3" in next(r for r in rows if r[0] == "5:5")[header.index("edit % [95% CI]")]
+    assert "t-test on the per-seed accuracies" in FINDINGS_LEGEND

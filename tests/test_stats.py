@@ -11,7 +11,7 @@ from flashctl.stats import (
     mcnemar_exact,
     paired_test,
     rows_for_half_width,
-    seed_bootstrap,
+    seed_test,
     spread,
     wilson,
 )
@@ -77,29 +77,35 @@ def _seeds(rights: list[int], n: int = 100) -> dict[str, dict[str, bool]]:
     return {str(i): {f"r{j}": j < k for j in range(n)} for i, k in enumerate(rights)}
 
 
-def test_seed_bootstrap_separates_a_gap_every_seed_shows():
-    t = seed_bootstrap(_seeds([70, 72]), _seeds([40, 42]))
+def test_seed_test_is_students_t_on_per_seed_accuracies_by_hand():
+    # seeds 0.70, 0.72 vs 0.40, 0.42: difference 0.30, pooled variance (4 x 0.01^2) / 2 = 2e-4,
+    # se = sqrt(2e-4 x (1/2 + 1/2)); with df = 2 the two-sided p is 1 - t / sqrt(t^2 + 2)
+    t = seed_test(_seeds([70, 72]), _seeds([40, 42]))
+    se = math.sqrt(2e-4)
     assert t.difference == pytest.approx(0.30) and (t.seeds_a, t.seeds_b, t.rows) == (2, 2, 100)
-    assert 0.2 < t.low < 0.3 < t.high < 0.4
-    # no replicate reaches 0: p is the +1-corrected floor 2 / (replicates + 1)
-    assert t.p_value == pytest.approx(2 / 4001)
-    assert seed_bootstrap(_seeds([70, 72]), _seeds([40, 42])) == t  # deterministic
+    tt = 0.30 / se
+    assert t.p_value == pytest.approx(1 - tt / math.sqrt(tt * tt + 2))  # 0.0022
+    assert (t.low, t.high) == (pytest.approx(0.30 - 4.302653 * se, abs=1e-6), pytest.approx(0.30 + 4.302653 * se, abs=1e-6))
 
 
-def test_seed_bootstrap_does_not_count_one_lucky_seed_as_more_rows():
+def test_seed_test_does_not_count_one_lucky_seed_as_more_rows():
     """A's seeds score 90 and 50, B's 60 and 60 on the same 100 rows. Pooled over seeds as 200
     paired rows, McNemar sees 30 rows for A against 10 for B (p = 0.002); across seeds, A's mean
-    (0.7) is one draw of a recipe whose seeds differ by 40 points."""
+    (0.7) is one draw of a recipe whose seeds differ by 40 points: t = 0.1 / 0.2, p = 2/3."""
     a, b = _seeds([90, 50]), _seeds([60, 60])
     pooled = lambda d: {f"{s}|{r}": v for s, rows in d.items() for r, v in rows.items()}  # noqa: E731
     p_pooled = paired_test(pooled(a), pooled(b)).p_value
     assert p_pooled == pytest.approx(mcnemar_exact(30, 10)) and p_pooled < 0.01
-    t = seed_bootstrap(a, b)
-    assert t.difference == pytest.approx(0.10)
-    assert t.low < 0 < t.high and t.p_value > 0.3
+    t = seed_test(a, b)
+    assert t.difference == pytest.approx(0.10) and t.p_value == pytest.approx(2 / 3)
+    assert t.low < 0 < t.high
 
 
-def test_seed_bootstrap_needs_two_seeds_a_side_and_shared_rows():
-    assert seed_bootstrap(_seeds([70]), _seeds([40, 42])) is None
+def test_seed_test_needs_two_seeds_a_side_and_shared_rows():
+    assert seed_test(_seeds([70]), _seeds([40, 42])) is None
+    assert seed_test(_seeds([70, 72]), _seeds([40])) is None
     other_rows = {s: {f"x{r}": v for r, v in rows.items()} for s, rows in _seeds([40, 42]).items()}
-    assert seed_bootstrap(_seeds([70, 72]), other_rows) is None
+    assert seed_test(_seeds([70, 72]), other_rows) is None
+    # seeds that score exactly alike leave nothing to test against: the row-level McNemar decides
+    assert seed_test(_seeds([70, 70]), _seeds([40, 40])).p_value == 0.0
+    assert seed_test(_seeds([70, 70]), _seeds([70, 70])).p_value == 1.0
