@@ -220,7 +220,9 @@ def train_teacher(spec: ExperimentSpec, console=None, resume: bool = True) -> di
     ema.module.eval().requires_grad_(False)
     out = adapter.save_pipeline(tt.output, transformer=ema.module)
     if tt.init_from:
-        link_unchanged_components(out, Path(resolve_model_path(tt.init_from)))
+        source = Path(resolve_model_path(tt.init_from))
+        copy_frozen_components(out, source)
+        link_unchanged_components(out, source)
     first = sum(losses[:50]) / max(1, len(losses[:50])) if losses else math.nan
     last = sum(losses[-50:]) / max(1, len(losses[-50:])) if losses else math.nan
     summary = {"output": str(out), "steps": tt.steps, "resumed_from": start, "loss_first50": first,
@@ -231,14 +233,39 @@ def train_teacher(spec: ExperimentSpec, console=None, resume: bool = True) -> di
     return summary
 
 
+def copy_frozen_components(folder: Path, source: Path) -> list[str]:
+    """Replace every component subfolder of the fine-tuned pipeline `folder` except the
+    transformer (the only part teacher training changes) by a file-by-file copy of `source`'s.
+    Saving them again from memory is not byte-identical: transformers adds `dtype` entries to the
+    configs and the tokenizer writes the truncation state of its last call, which would change
+    the teacher's content fingerprint (`pipelines.hash_files`), hence every prepared conditioning
+    cache keyed on its text encoder, for weights that did not change. Returns the names."""
+    import shutil
+
+    copied = []
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and p.name != "transformer"):
+        theirs = source / sub.name
+        if theirs.is_dir():
+            if sub.is_symlink():
+                sub.unlink()
+            else:
+                shutil.rmtree(sub)
+            shutil.copytree(theirs.resolve(), sub)
+            copied.append(sub.name)
+    return copied
+
+
 def link_unchanged_components(folder: Path, base: Path) -> list[str]:
     """Replace component subfolders of `folder` that are byte-identical to `base`'s by relative
     symlinks (a fine-tuned teacher shares the VAE, text encoder and tokenizer of its base: the
-    shipped teachers stay small in git). diffusers loads through the links. Returns the names."""
+    shipped teachers stay small in git). diffusers loads through the links. Only a base that sits
+    beside `folder` (same parent, as the shipped teachers do) is linked to: a link out of the
+    folder's tree (e.g. a stage-1 teacher under runs/) would break once either tree moves or is
+    not shipped. Returns the names."""
     import os
     import shutil
 
-    if not base.is_dir() or base.resolve() == folder.resolve():
+    if not base.is_dir() or base.resolve() == folder.resolve() or base.resolve().parent != folder.resolve().parent:
         return []
     linked = []
     for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.is_symlink()):

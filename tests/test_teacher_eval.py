@@ -60,6 +60,29 @@ def test_teacher_lr_warms_up_holds_then_decays_linearly_to_zero():
         [teacher_lr(s, 1e-3, 20000, 100, 8000) for s in range(0, 12000, 7)]
 
 
+def test_fine_tuned_teacher_links_unchanged_components_only_to_a_base_beside_it(tmp_path):
+    from flashctl.teacher import link_unchanged_components
+
+    def pipeline(folder, weights):
+        for sub, data in (("vae", b"vae"), ("transformer", weights)):
+            (folder / sub).mkdir(parents=True)
+            (folder / sub / "w.bin").write_bytes(data)
+        return folder
+
+    shipped = tmp_path / "assets"
+    base = pipeline(shipped / "base", b"base")
+    edit = pipeline(shipped / "edit", b"tuned")
+    assert link_unchanged_components(edit, base) == ["vae"]  # the transformer differs: kept
+    assert (edit / "vae").is_symlink() and (edit / "vae" / "w.bin").read_bytes() == b"vae"
+    assert not (edit / "transformer").is_symlink()
+    # a base elsewhere (a stage-1 teacher under runs/) is not linked to: the shipped folder
+    # would point out of its own tree
+    stage1 = pipeline(tmp_path / "runs" / "stage1", b"stage1")
+    refined = pipeline(shipped / "refined", b"refined")
+    assert link_unchanged_components(refined, stage1) == []
+    assert not (refined / "vae").is_symlink() and (refined / "vae" / "w.bin").read_bytes() == b"vae"
+
+
 def test_decay_longer_than_training_is_a_one_line_error(tmp_path):
     res = run_cli(["validate", TEACHER_SPEC, "train_teacher.steps=100", "train_teacher.decay_steps=200"], cwd=tmp_path)
     assert res.returncode == 2 and "Traceback" not in res.stderr  # validate: 2 = invalid spec
