@@ -83,6 +83,21 @@ def test_fine_tuned_teacher_links_unchanged_components_only_to_a_base_beside_it(
     assert not (refined / "vae").is_symlink() and (refined / "vae" / "w.bin").read_bytes() == b"vae"
 
 
+def test_fine_tuned_teacher_keeps_its_sources_frozen_components_byte_for_byte(tmp_path):
+    from flashctl.teacher import copy_frozen_components
+
+    source, out = tmp_path / "source", tmp_path / "out"
+    for folder, config in ((source, '{"a": 1}'), (out, '{"a": 1, "dtype": "float32"}')):  # a re-save adds keys
+        for sub in ("tokenizer", "vae", "transformer"):
+            (folder / sub).mkdir(parents=True)
+            (folder / sub / "config.json").write_text(config)
+    (out / "transformer" / "w.bin").write_bytes(b"trained")
+    assert copy_frozen_components(out, source) == ["tokenizer", "vae"]
+    assert (out / "tokenizer" / "config.json").read_text() == '{"a": 1}'
+    assert (out / "vae" / "config.json").read_text() == '{"a": 1}'
+    assert (out / "transformer" / "w.bin").read_bytes() == b"trained"  # the trained part is kept
+
+
 def test_decay_longer_than_training_is_a_one_line_error(tmp_path):
     res = run_cli(["validate", TEACHER_SPEC, "train_teacher.steps=100", "train_teacher.decay_steps=200"], cwd=tmp_path)
     assert res.returncode == 2 and "Traceback" not in res.stderr  # validate: 2 = invalid spec
