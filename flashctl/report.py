@@ -44,7 +44,7 @@ from flashctl.findings import (
 from flashctl.io import atomic_write_text
 from flashctl.shapes.scene import CATEGORIES as T2I_CATEGORIES
 from flashctl.shapes.scene import EDIT_TYPES
-from flashctl.stats import PairedTest
+from flashctl.stats import PairedTest, wilson
 from flashctl.system import environ
 from flashctl.track import (
     EVAL_IMAGES,
@@ -54,6 +54,7 @@ from flashctl.track import (
     EVAL_SPEEDUP_DENOISE,
     KIND_GRID,
     SAMPLE_ACC,
+    SAMPLE_N,
     TAG_CELL,
     TAG_FACTORS,
     TAG_GRID,
@@ -514,11 +515,12 @@ def level_plot(table: ResultTable) -> bytes:
 
 
 def training_curves(client, grid: GridRuns) -> dict[str, dict[str, list[tuple[int, float]]]]:
-    """Per cell label: metric key -> [(step, value)] for the generator/critic losses."""
+    """Per cell label: metric key -> [(step, value)] for the generator/critic losses, the periodic
+    samples' accuracies and how many rows each is over (`track.SAMPLE_N`)."""
     out: dict[str, dict[str, list[tuple[int, float]]]] = {}
     for cell in grid.cells:
         curves = {}
-        for key in TRAIN_CURVES:
+        for key in (*TRAIN_CURVES, *SAMPLE_N.values()):
             hist = client.get_metric_history(cell.run_id, key)
             if hist:
                 curves[key] = sorted((m.step, m.value) for m in hist)
@@ -527,18 +529,36 @@ def training_curves(client, grid: GridRuns) -> dict[str, dict[str, list[tuple[in
     return out
 
 
+def sample_band(acc: list[tuple[int, float]], n: list[tuple[int, float]]):
+    """(steps, lows, highs) of the Wilson 95% interval around each periodic-sample accuracy
+    whose row count was logged at the same step; None when none was (runs from before
+    `track.SAMPLE_N`)."""
+    rows = dict(n)
+    pts = [(s, wilson(round(a * rows[s]), int(rows[s]))) for s, a in acc if rows.get(s)]
+    if not pts:
+        return None
+    return [s for s, _ in pts], [i.low for _, i in pts], [i.high for _, i in pts]
+
+
 def training_plot(curves: dict[str, dict[str, list[tuple[int, float]]]]) -> bytes:
     """Generator and critic loss vs step, and the verifier's accuracy of the periodic student
-    samples (where logged), one line per cell: a recipe that destabilises shows as a drop."""
+    samples (where logged), one line per cell: a recipe that destabilises shows as a drop. The
+    sample curves start at step 0 (the student as initialised: the teacher at the student's
+    steps) and carry a shaded Wilson 95% band where the row counts were logged: with a few dozen
+    rows per point, a wiggle inside the band is not a trend."""
     plt = _pyplot()
     keys = [k for k in TRAIN_CURVES if any(k in c for c in curves.values())]
+    counts = {acc: SAMPLE_N[t] for t, acc in SAMPLE_ACC.items()}
     fig, axes = plt.subplots(1, len(keys), figsize=(5.2 * len(keys), 3.6), squeeze=False)
     for ax, key in zip(axes[0], keys):
         for label, c in curves.items():
             if key in c:
                 steps, vals = zip(*c[key])
-                ax.plot(steps, vals, label=label, linewidth=1.2, marker="o" if key.startswith("samples/") else None,
-                        markersize=3)
+                line, = ax.plot(steps, vals, label=label, linewidth=1.2,
+                                marker="o" if key.startswith("samples/") else None, markersize=3)
+                band = sample_band(c[key], c.get(counts.get(key, ""), []))
+                if band:
+                    ax.fill_between(band[0], band[1], band[2], color=line.get_color(), alpha=0.15, linewidth=0)
         title = key.split("/", 1)[1].replace("_", " ")
         ax.set_title(f"periodic samples: {title}" if key.startswith("samples/") else title, fontsize=11)
         if key.startswith("samples/"):
@@ -787,7 +807,9 @@ def render_html(grid: GridRuns, tables: Sequence[ResultTable], plots: dict[str, 
         parts.append('<h2 id="training">Training curves</h2>')
         parts.append(f"<figure>{_img(curves_png, 'training curves')}<figcaption>Generator (DMD) and critic "
                      "(flow-matching) loss per cell, and the verifier's accuracy of the periodic student samples "
-                     "(distill.sample_every): a drop is instability.</figcaption></figure>")
+                     "(distill.sample_every; step 0 is the student as initialised, the shaded band its Wilson 95% "
+                     "interval over distill.sample_rows rows): a drop outside the band is instability."
+                     "</figcaption></figure>")
     if qual:
         parts.append('<h2 id="qualitative">Qualitative comparison</h2>')
         parts.append('<p class="meta">Same eval prompts and seeds in every run: teacher first, then each '

@@ -280,6 +280,14 @@ class DistillSpec(_Model):
     """Student learning rate."""
     lr_critic: float = Field(4e-5, gt=0.0)
     """Critic learning rate."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear learning-rate warm-up over this many generator steps (0 = none), for student and
+    critic alike (the critic over its `critic_updates` x as many updates): DeepSpeed's own
+    `WarmupLR` scheduler, from 0 to `lr_generator` / `lr_critic`, then constant. Why: Adam's
+    first updates move every weight by about the full learning rate whatever the gradient's
+    size, and at the high rates a short CPU cell needs that is a jolt the student feels.
+    (WarmupLR counts from 0 at the first update: the first two updates run at rate 0, while
+    Adam's moments gather, and the full rate is reached at update `warmup_steps` + 2.)"""
     batch_size: int = Field(4, ge=1)
     """Micro-batch per rank."""
     grad_accum: int = Field(1, ge=1)

@@ -74,6 +74,8 @@ EVAL_NFE_RATIO = eval_metric(None, "nfe_ratio")  # teacher / student network eva
 # Training-time accuracy of the periodic student samples (`distill.sample_every`, on the first
 # `distill.sample_rows` eval rows per task): the report's training curves, where instability shows.
 SAMPLE_ACC = {"t2i": "samples/t2i_acc", "edit": "samples/edit_acc"}
+# How many rows each of those accuracies is over (the report's Wilson band around the curve).
+SAMPLE_N = {"t2i": "samples/t2i_n", "edit": "samples/edit_n"}
 
 
 def hash_tag(tags: dict[str, str]) -> str:

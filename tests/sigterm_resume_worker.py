@@ -43,7 +43,8 @@ def main() -> None:
     # threshold 0: the toy MLP's tensors are below DeepSpeed's default, and the test must see them partitioned
     spec = ExperimentSpec(distill={"batch_size": 4}, deepspeed={"zero_stage": 3, "param_persistence_threshold": 0},
                           launch={"device": "cpu"})
-    config = eng.ds_config(spec, lr=1e-2, world_size=info.world_size, export=True)
+    # a linear warm-up over 4 of the 6 steps (DeepSpeed's WarmupLR): a resume at step 3 must carry it on
+    config = eng.ds_config(spec, lr=1e-2, world_size=info.world_size, export=True, warmup_updates=4)
 
     torch.manual_seed(args.seed)  # same initial weights on every rank
     student = mlp()
@@ -61,7 +62,7 @@ def main() -> None:
         ck.restore_rng_state(state["rng"])
     start_step = step
 
-    losses, times = [], []
+    losses, times, lrs = [], [], []
     stopped = False
     while step < args.steps:
         t0 = time.perf_counter()
@@ -70,6 +71,7 @@ def main() -> None:
         with torch.no_grad():
             target = teacher_engine(x)
         loss = F.mse_loss(engine(x + jitter), target)
+        lrs.append(engine.get_lr()[0])  # the rate this step's update uses
         engine.backward(loss)
         engine.step()
         step += 1
@@ -97,6 +99,7 @@ def main() -> None:
         "end_step": step,
         "stopped": stopped,
         "losses": losses,
+        "lrs": lrs,
         "step_times": times,
         "local_param_bytes": eng.local_param_bytes(engine),
         "full_param_bytes": eng.full_param_bytes(engine),

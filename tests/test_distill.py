@@ -81,7 +81,7 @@ def test_two_rank_zero3_run_exports_a_diffusers_student(tiny_world, tmp_path):
 
     # every eval T2I prompt leaves attributes open: diversity over 2 seeds per model
     args = ["distill", SPEC, *tiny_world["spec_args"], f"run.out_dir={tmp_path}/runs", "run.name=e2e",
-            "data.open_attributes=1.0", "eval.diversity_seeds=2"]
+            "data.open_attributes=1.0", "eval.diversity_seeds=2", "distill.sample_every=2", "distill.sample_rows=2"]
     res = run_cli(args, cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     run = tmp_path / "runs" / "e2e"
@@ -140,6 +140,12 @@ def test_two_rank_zero3_run_exports_a_diffusers_student(tiny_world, tmp_path):
     run_info = client.get_run(row["run_id"])
     assert run_info.inputs.dataset_inputs, "the dataset manifest digest is the run's input"
     assert len(client.get_metric_history(row["run_id"], "eval/student/t2i_acc")) == 1
+    # the periodic samples' curve starts at the student as initialised, each point with its row count
+    from flashctl.track import SAMPLE_ACC, SAMPLE_N
+
+    for task in ("t2i", "edit"):
+        assert sorted(m.step for m in client.get_metric_history(row["run_id"], SAMPLE_ACC[task])) == [0, 2, 4]
+        assert {m.value for m in client.get_metric_history(row["run_id"], SAMPLE_N[task])} == {2.0}
 
     # a finished run is not redone: no export, no evaluation, nothing logged again
     written = {p: p.stat().st_mtime_ns for p in (run / "eval" / "results.json", run / "summary.json", run / "student")}

@@ -108,6 +108,18 @@ def test_deepspeed_parses_our_config(monkeypatch, stage, precision, offload):
     assert parsed.zero_config.param_persistence_threshold == eng.DEEPSPEED_PERSISTENCE_THRESHOLD
 
 
+def test_warmup_spans_the_same_generator_steps_for_student_and_critic():
+    spec = spec_with(distill={"warmup_steps": 20, "critic_updates": 5, "lr_generator": 5e-4})
+    assert (eng.warmup_updates_for(spec, "student"), eng.warmup_updates_for(spec, "critic")) == (20, 100)
+    dmd = spec_with(distill={"warmup_steps": 20, "objective": "dmd"})
+    assert eng.warmup_updates_for(dmd, "critic") == 20  # DMD: one critic update per generator step
+    cfg = eng.ds_config(spec, lr=5e-4, world_size=2, warmup_updates=20)
+    assert cfg["scheduler"] == {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 5e-4,
+                                                               "warmup_num_steps": 20, "warmup_type": "linear"}}
+    assert "scheduler" not in eng.ds_config(spec_with(), lr=5e-4, world_size=2)  # 0: no scheduler at all
+    assert "scheduler" not in eng.frozen_config(cfg)
+
+
 def test_ds_config_rejects_impossible_settings():
     with pytest.raises(UserError, match="deepspeed.offload_param"):
         eng.ds_config(spec_with(deepspeed={"zero_stage": 2, "offload_param": "cpu"}), 1e-5, 1)
@@ -257,6 +269,10 @@ def test_zero3_partitions_and_consolidates(uninterrupted):
     assert s0["local_param_bytes"] == s1["local_param_bytes"] == s0["full_param_bytes"] // 2
     assert s0["teacher_local_param_bytes"] == s0["full_param_bytes"] // 2
     assert s0["losses"][-1] < s0["losses"][0]  # it trained
+    # distill.warmup_steps: DeepSpeed's WarmupLR, linear to the rate in 4 increments, then constant;
+    # its count starts at 0 on the first update, so the first two run at rate 0 (Adam's moments
+    # gather while nothing moves)
+    assert s0["lrs"] == pytest.approx([0.0, 0.0, 0.25e-2, 0.5e-2, 0.75e-2, 1e-2])
     live = load_file(str(uninterrupted / "final_params.safetensors"))
     consolidated = ck.load_fp32(uninterrupted / "consolidated")
     assert live.keys() == consolidated.keys()
@@ -282,6 +298,7 @@ def test_sigterm_checkpoint_and_resume_match_uninterrupted_run(uninterrupted, tm
     assert not (ckpt / "step-00000006" / "student" / "junk").exists()
     # same losses for steps 4-6 and identical final weights as the uninterrupted run
     assert _stats(out, 0)["losses"] == _stats(uninterrupted, 0)["losses"][3:]
+    assert _stats(out, 0)["lrs"] == _stats(uninterrupted, 0)["lrs"][3:]  # the warm-up resumed where it stopped
     resumed = load_file(str(out / "final_params.safetensors"))
     straight = load_file(str(uninterrupted / "final_params.safetensors"))
     for k in straight:

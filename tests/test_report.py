@@ -276,3 +276,14 @@ def test_findings_table_shows_the_seed_test_next_to_mcnemar():
     assert edit_p == "0.00222; seeds 0.667", edit_p  # McNemar 30 vs 10 rows; t = 0.5 on df 2
     assert "seeds 70.0 ± 28.3" in next(r for r in rows if r[0] == "5:5")[header.index("edit % [95% CI]")]
     assert "t-test on the per-seed accuracies" in FINDINGS_LEGEND
+
+
+def test_sample_curves_carry_a_wilson_band_where_row_counts_were_logged():
+    from flashctl.report import sample_band
+    from flashctl.stats import wilson
+
+    steps, low, high = sample_band([(0, 0.5), (25, 0.75), (50, 0.25)], [(0, 64.0), (25, 64.0)])
+    assert steps == [0, 25]  # step 50 logged no count: no band there
+    assert (low[0], high[0]) == (wilson(32, 64).low, wilson(32, 64).high)
+    assert 0.37 < low[0] < 0.5 < high[0] < 0.63 and low[1] < 0.75 < high[1]
+    assert sample_band([(25, 0.5)], []) is None  # a run from before the counts were logged

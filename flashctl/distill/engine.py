@@ -45,12 +45,16 @@ WEIGHT_DECAY = 0.01
 _NEVER_PRINT = 1 << 30
 
 
-def ds_config(spec: ExperimentSpec, lr: float, world_size: int, export: bool = False) -> dict[str, Any]:
+def ds_config(spec: ExperimentSpec, lr: float, world_size: int, export: bool = False,
+              warmup_updates: int = 0) -> dict[str, Any]:
     """The DeepSpeed config of one trainable engine, every number computed (no "auto").
 
     `lr` is the engine's learning rate (student and critic differ); `world_size` the number
     of data-parallel ranks; `export` turns on gathering 16-bit weights on save (needed to
-    write a consolidated model from a ZeRO-3 engine).
+    write a consolidated model from a ZeRO-3 engine); `warmup_updates` > 0 adds DeepSpeed's
+    `WarmupLR` scheduler, linear from 0 to `lr` over that many optimizer steps of this engine
+    (`distill.warmup_steps` generator steps are that many student updates and
+    `critic_updates` x as many critic updates: `warmup_updates_for`).
     """
     ds = spec.deepspeed
     if world_size < 1:
@@ -121,7 +125,19 @@ def ds_config(spec: ExperimentSpec, lr: float, world_size: int, export: bool = F
         "steps_per_print": _NEVER_PRINT,
         "wall_clock_breakdown": False,
     }
+    if warmup_updates > 0:
+        config["scheduler"] = {"type": "WarmupLR", "params": {
+            "warmup_min_lr": 0.0, "warmup_max_lr": float(lr), "warmup_num_steps": int(warmup_updates),
+            "warmup_type": "linear"}}
     return config
+
+
+def warmup_updates_for(spec: ExperimentSpec, model: Literal["student", "critic"]) -> int:
+    """Optimizer steps of `model`'s engine that `distill.warmup_steps` generator steps span: the
+    student steps once per generator step, the critic `critic_updates` times (once under DMD)."""
+    d = spec.distill
+    per_step = 1 if model == "student" or d.objective == "dmd" else d.critic_updates
+    return d.warmup_steps * per_step
 
 
 def frozen_config(config: dict[str, Any]) -> dict[str, Any]:

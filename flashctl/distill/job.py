@@ -158,10 +158,11 @@ def prepare_run(spec: ExperimentSpec, fresh: bool = False, dry_run: bool = False
 
 def ds_config_preview(spec: ExperimentSpec) -> dict:
     """The student engine's DeepSpeed config for this launch's world size."""
-    from flashctl.distill.engine import ds_config
+    from flashctl.distill.engine import ds_config, warmup_updates_for
 
     world = spec.launch.nproc_per_node * spec.launch.nnodes
-    return ds_config(spec, spec.distill.lr_generator, world, export=True)
+    return ds_config(spec, spec.distill.lr_generator, world, export=True,
+                     warmup_updates=warmup_updates_for(spec, "student"))
 
 
 def describe(prep: PreparedRun) -> str:

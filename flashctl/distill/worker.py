@@ -48,6 +48,7 @@ class DistillJob:
             make_engine,
             make_frozen_engine,
             node_group,
+            warmup_updates_for,
         )
         from flashctl.flow import student_sigmas
         from flashctl.models.adapter import QwenImageAdapter
@@ -71,8 +72,10 @@ class DistillJob:
         if partition_teachers is None:
             partition_teachers = spec.teachers_partitioned()
         self.partition_teachers = bool(partition_teachers) and zero3
-        student_cfg = ds_config(spec, spec.distill.lr_generator, self.world, export=True)
-        critic_cfg = ds_config(spec, spec.distill.lr_critic, self.world)
+        student_cfg = ds_config(spec, spec.distill.lr_generator, self.world, export=True,
+                                warmup_updates=warmup_updates_for(spec, "student"))
+        critic_cfg = ds_config(spec, spec.distill.lr_critic, self.world,
+                               warmup_updates=warmup_updates_for(spec, "critic"))
         frozen_cfg = frozen_config(critic_cfg)
 
         def build(path: str, cfg: dict[str, Any] | None, group: Any = None):
@@ -424,6 +427,8 @@ def run(run_dir: Path) -> int:
             tracker.log_dataset(spec.data.root, "shards", read_manifest(spec.data.root, verify=False).digest)
         tracker.set_tags({"status": "running", "resumed_from": str(start)})
     announce(f"training: generator steps {start + 1}-{spec.distill.steps}", info.rank == 0 and start < spec.distill.steps)
+    if start == 0 and spec.distill.sample_every:  # the curve's first point: the student as initialised
+        _log_samples(job, tracker, 0)
     progress = _Progress(info.rank == 0, spec.distill.steps, start)
     t0 = time.perf_counter()
     samples = 0
@@ -650,7 +655,7 @@ def _log_samples(job: DistillJob, tracker, step: int) -> None:
     by the verifier (`track.SAMPLE_ACC`: the training curves of accuracy) and a grid of the
     square ones logged as an artifact."""
     from flashctl.evaluate import eval_rows, sample_rows, score_images
-    from flashctl.track import SAMPLE_ACC
+    from flashctl.track import SAMPLE_ACC, SAMPLE_N
 
     if not job.adapter.has_encoders and job.device.type == "cuda":  # cached conditioning: keep them off the GPUs
         from flashctl.progress import announce
@@ -668,8 +673,9 @@ def _log_samples(job: DistillJob, tracker, step: int) -> None:
         from flashctl.images import image_grid
 
         summary, _ = score_images(rows, images)
-        tracker.log_metrics({SAMPLE_ACC[t]: v["accuracy"] for t, v in summary.get("by_task", {}).items()
-                             if t in SAMPLE_ACC}, step)
+        by_task = {t: v for t, v in summary.get("by_task", {}).items() if t in SAMPLE_ACC}
+        tracker.log_metrics({**{SAMPLE_ACC[t]: v["accuracy"] for t, v in by_task.items()},
+                             **{SAMPLE_N[t]: float(v["n"]) for t, v in by_task.items()}}, step)
         square = [r for r in rows if r["aspect"] == "square"][:8]
         if square:
             path = job.run_dir / "samples" / f"step-{step:07d}.png"
