@@ -285,9 +285,10 @@ class DistillSpec(_Model):
     critic alike (the critic over its `critic_updates` x as many updates): DeepSpeed's own
     `WarmupLR` scheduler, from 0 to `lr_generator` / `lr_critic`, then constant. Why: Adam's
     first updates move every weight by about the full learning rate whatever the gradient's
-    size, and at the high rates a short CPU cell needs that is a jolt the student feels.
-    (WarmupLR counts from 0 at the first update: the first two updates run at rate 0, while
-    Adam's moments gather, and the full rate is reached at update `warmup_steps` + 2.)"""
+    size. Measured on the embedded default at lr 5e-4, a 50-step warm-up did not keep the
+    student's accuracy (T2I / edit 0.685 / 0.427, against 0.734 / 0.409 without); a lower rate
+    did. WarmupLR counts from 0 at the first update: the first two updates run at rate 0, while
+    Adam's moments gather, and the full rate is reached at update `warmup_steps` + 2."""
     batch_size: int = Field(4, ge=1)
     """Micro-batch per rank."""
     grad_accum: int = Field(1, ge=1)
