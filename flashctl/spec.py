@@ -282,13 +282,15 @@ class DistillSpec(_Model):
     """Critic learning rate."""
     warmup_steps: int = Field(0, ge=0)
     """Linear learning-rate warm-up over this many generator steps (0 = none), for student and
-    critic alike (the critic over its `critic_updates` x as many updates): DeepSpeed's own
-    `WarmupLR` scheduler, from 0 to `lr_generator` / `lr_critic`, then constant. Why: Adam's
-    first updates move every weight by about the full learning rate whatever the gradient's
-    size. Measured on the embedded default at lr 5e-4, a 50-step warm-up did not keep the
-    student's accuracy (T2I / edit 0.685 / 0.427, against 0.734 / 0.409 without); a lower rate
-    did. WarmupLR counts from 0 at the first update: the first two updates run at rate 0, while
-    Adam's moments gather, and the full rate is reached at update `warmup_steps` + 2."""
+    critic alike (the critic over as many of its updates as those steps hold: `critic_updates`
+    per step, one under DMD; with `grad_accum` > 1 an engine updates once per `grad_accum`
+    micro-steps): DeepSpeed's own `WarmupLR` scheduler, from 0 to `lr_generator` / `lr_critic`,
+    then constant. Why: Adam's first updates move every weight by about the full learning rate
+    whatever the gradient's size. Measured on the embedded default at lr 5e-4, a 50-step warm-up
+    did not keep the student's accuracy (T2I / edit 0.685 / 0.427, against 0.734 / 0.409
+    without); a lower rate did. WarmupLR counts from 0 at the first update: the first two
+    updates run at rate 0, while Adam's moments gather, and the full rate is reached at update
+    max(2, updates) + 2 (DeepSpeed's shortest warm-up is 2 updates)."""
     batch_size: int = Field(4, ge=1)
     """Micro-batch per rank."""
     grad_accum: int = Field(1, ge=1)
@@ -300,12 +302,14 @@ class DistillSpec(_Model):
     log_every: int = Field(5, ge=1)
     """Metric logging interval in generator steps."""
     sample_every: int = Field(100, ge=0)
-    """Interval (generator steps) of the periodic student samples (0 = off): a grid of square
-    samples as an MLflow artifact, and the verifier's accuracy on them as the metrics
-    `samples/t2i_acc` / `samples/edit_acc` -- the report's training curves, where a recipe that
+    """Interval (generator steps) of the periodic student samples (0 = off), taken at step 0 (the
+    student as initialised, on a run that starts fresh) and then every `sample_every` steps: a
+    grid of square samples as an MLflow artifact, and the verifier's accuracy on them as the
+    metrics `samples/t2i_acc` / `samples/edit_acc` with their row counts `samples/t2i_n` /
+    `samples/edit_n` -- the report's training curves with Wilson bands, where a recipe that
     destabilises shows as a drop."""
     sample_rows: int = Field(16, ge=1)
-    """Eval rows per task (the first of the seeded eval set) sampled at each `sample_every`."""
+    """Eval rows per task (the first of the seeded eval set) sampled at each periodic sample."""
     seed: int = 0
     """Training seed."""
     gan_weight: float = Field(0.0, ge=0.0)

@@ -113,6 +113,9 @@ def test_warmup_spans_the_same_generator_steps_for_student_and_critic():
     assert (eng.warmup_updates_for(spec, "student"), eng.warmup_updates_for(spec, "critic")) == (20, 100)
     dmd = spec_with(distill={"warmup_steps": 20, "objective": "dmd"})
     assert eng.warmup_updates_for(dmd, "critic") == 20  # DMD: one critic update per generator step
+    accum = spec_with(distill={"warmup_steps": 20, "critic_updates": 5, "grad_accum": 3})
+    # an engine updates once per 3 micro-steps: 20 generator steps are 7 student and 34 critic updates
+    assert (eng.warmup_updates_for(accum, "student"), eng.warmup_updates_for(accum, "critic")) == (7, 34)
     cfg = eng.ds_config(spec, lr=5e-4, world_size=2, warmup_updates=20)
     assert cfg["scheduler"] == {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 5e-4,
                                                                "warmup_num_steps": 20, "warmup_type": "linear"}}

@@ -15,6 +15,8 @@ from rich.console import Console
 from flashctl.errors import UserError
 from flashctl.report import COLUMNS, EDIT_TYPES, T2I_CATEGORIES, best_rows, make_report
 from flashctl.track import (
+    SAMPLE_ACC,
+    SAMPLE_N,
     TAG_CELL,
     TAG_FACTOR,
     TAG_FACTORS,
@@ -87,6 +89,9 @@ def make_grid(uri: str, tmp_path, factors: dict[str, list[str]], results: dict[t
         ts = 1_700_000_000_000
         hist = [Metric("train/loss_generator", 1.0 / (1 + s) + 0.1 * n, ts, s) for s in range(0, 50, 5)]
         hist += [Metric("train/loss_critic", 0.5 + 0.01 * s, ts, s) for s in range(0, 50, 5)]
+        # periodic samples from step 0, with their row counts: the curves' Wilson bands
+        hist += [Metric(SAMPLE_ACC["t2i"], 0.5 + 0.005 * s, ts, s) for s in (0, 25, 50)]
+        hist += [Metric(SAMPLE_N["t2i"], 64.0, ts, s) for s in (0, 25, 50)]
         final = eval_metrics(t2i, edit) | {"train/time_s": 100.0 + 10 * n}
         client.log_batch(rid, metrics=hist + [Metric(k, v, ts, 50) for k, v in final.items()])
         if images:
@@ -178,6 +183,9 @@ def test_html_embeds_plots_and_the_qualitative_grid(mixture, tmp_path):
     head = re.search(r'<table class="qual">.*?</thead>', page, re.DOTALL).group(0)
     assert re.findall(r"<th[^>]*>([^<]*)</th>", head) == ["prompt", "teacher", "9:1", "7:3", "5:5"]
     assert page.count('class="best"') >= 10 and "★" in page
+    assert "step 0 is the student as initialised" in page and "Wilson 95%" in page
+    curves = Image.open(io.BytesIO(base64.b64decode(srcs[1].split(",", 1)[1])))
+    assert curves.size[0] > 3 * curves.size[1]  # losses and the sample-accuracy panel side by side
 
 
 def test_csv_and_markdown_exports(mixture, tmp_path):

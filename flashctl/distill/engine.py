@@ -53,8 +53,8 @@ def ds_config(spec: ExperimentSpec, lr: float, world_size: int, export: bool = F
     of data-parallel ranks; `export` turns on gathering 16-bit weights on save (needed to
     write a consolidated model from a ZeRO-3 engine); `warmup_updates` > 0 adds DeepSpeed's
     `WarmupLR` scheduler, linear from 0 to `lr` over that many optimizer steps of this engine
-    (`distill.warmup_steps` generator steps are that many student updates and
-    `critic_updates` x as many critic updates: `warmup_updates_for`).
+    (its count starts at 0 on the first update, so the first two run at rate 0; the
+    `distill.warmup_steps` generator steps in updates of each engine: `warmup_updates_for`).
     """
     ds = spec.deepspeed
     if world_size < 1:
@@ -134,10 +134,11 @@ def ds_config(spec: ExperimentSpec, lr: float, world_size: int, export: bool = F
 
 def warmup_updates_for(spec: ExperimentSpec, model: Literal["student", "critic"]) -> int:
     """Optimizer steps of `model`'s engine that `distill.warmup_steps` generator steps span: the
-    student steps once per generator step, the critic `critic_updates` times (once under DMD)."""
+    student steps once per generator step, the critic `critic_updates` times (once under DMD),
+    and with gradient accumulation an engine steps once per `grad_accum` of those micro-steps."""
     d = spec.distill
     per_step = 1 if model == "student" or d.objective == "dmd" else d.critic_updates
-    return d.warmup_steps * per_step
+    return -(-d.warmup_steps * per_step // d.grad_accum)  # ceil: a started warm-up lasts >= 1 update
 
 
 def frozen_config(config: dict[str, Any]) -> dict[str, Any]:
